@@ -1,0 +1,96 @@
+"""One validated configuration for the whole pipeline, with named profiles.
+
+`demo` is what the README's first command runs; `test` is the tiny variant the end-to-end
+tests use. Every knob the components take lives here, so a run is described by one object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, Optional, Tuple
+
+from components.defects import IMAGE_CLASSES
+from components.materials import MATERIALS
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUTPUT_DIR = os.path.join(PROJECT_ROOT, "output")
+SCHEMA_DIR = os.path.join(PROJECT_ROOT, "schema")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one run needs; `validate()` is called on construction."""
+
+    pipeline_name: str = "stem_defects"
+    output_dir: str = DEFAULT_OUTPUT_DIR
+
+    # Synthesis.
+    num_images: int = 480
+    image_size: int = 256
+    pixel_size_pm: Tuple[float, float] = (18.0, 22.0)
+    dose: Tuple[float, float] = (2e3, 2e4)
+    seed: int = 20261125
+    materials: Tuple[str, ...] = ("SrTiO3", "CdTe")
+    labels: Tuple[str, ...] = IMAGE_CLASSES
+    # train:eval:test in tenths; the paper's 70:20:10.
+    split_tenths: Tuple[int, int, int] = (7, 2, 1)
+
+    # Beam, for the data-parallel components.
+    beam_pipeline_args: Tuple[str, ...] = ("--direct_num_workers=0", "--direct_running_mode=multi_processing")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        unknown = [m for m in self.materials if m not in MATERIALS]
+        if unknown:
+            raise ValueError(f"unknown materials {unknown}; known: {sorted(MATERIALS)}")
+        if self.num_images < len(self.materials) * len(self.labels):
+            raise ValueError(
+                f"num_images={self.num_images} is fewer than one image per material and label "
+                f"({len(self.materials)} x {len(self.labels)})"
+            )
+        if sum(self.split_tenths) != 10 or min(self.split_tenths) < 1:
+            raise ValueError(f"split_tenths must be three positive parts of 10, got {self.split_tenths}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+
+    @property
+    def pipeline_root(self) -> str:
+        return os.path.join(self.output_dir, "pipeline_root", self.pipeline_name)
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.output_dir, "metadata", self.pipeline_name, "metadata.db")
+
+    @property
+    def figures_dir(self) -> str:
+        return os.path.join(self.output_dir, "figures")
+
+    def replace(self, **changes) -> "PipelineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PROFILES: Dict[str, Dict] = {
+    "demo": {},
+    # A few dozen small images, single-process Beam: the end-to-end tests.
+    "test": dict(
+        pipeline_name="stem_defects_test",
+        num_images=40,
+        image_size=64,
+        beam_pipeline_args=("--direct_num_workers=1", "--direct_running_mode=in_memory"),
+    ),
+}
+
+
+def load_config(profile: Optional[str] = None, output_dir: Optional[str] = None) -> PipelineConfig:
+    """The config of a profile (default from $STEM_PROFILE, else `demo`)."""
+    profile = profile or os.environ.get("STEM_PROFILE", "demo")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
+    changes = dict(PROFILES[profile])
+    output_dir = output_dir or os.environ.get("STEM_OUTPUT_DIR")
+    if output_dir:
+        changes["output_dir"] = os.path.abspath(output_dir)
+    return PipelineConfig(**changes)

@@ -1,0 +1,69 @@
+"""`make demo`: run the pipeline through the real TFX CLI, then say where everything is.
+
+The CLI keeps its state in $LOCAL_HOME, which this script points inside the output folder, so
+a demo never touches ~/tfx. Rerun it any time: the pipeline is updated, not re-created.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+from pipeline import local_runner, reports  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
+
+
+def cli_environment(config: PipelineConfig) -> dict:
+    env = dict(os.environ)
+    env["LOCAL_HOME"] = os.path.join(config.output_dir, "tfx_home")
+    env["STEM_OUTPUT_DIR"] = config.output_dir
+    # The CLI calls `pip freeze` and runs the pipeline with the `tfx` executable's Python.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run_through_cli(config: PipelineConfig) -> None:
+    env = cli_environment(config)
+    tfx = os.path.join(os.path.dirname(sys.executable), "tfx")
+    exists = os.path.isdir(os.path.join(env["LOCAL_HOME"], config.pipeline_name))
+    action = "update" if exists else "create"
+    pipeline_path = os.path.abspath(local_runner.__file__)
+    for command in (
+        [tfx, "pipeline", action, "--engine=local", f"--pipeline_path={pipeline_path}"],
+        [tfx, "run", "create", "--engine=local", f"--pipeline_name={config.pipeline_name}"],
+    ):
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, env=env, check=True)
+
+
+def summarise(config: PipelineConfig) -> None:
+    store = reports.open_store(config.metadata_path)
+    artifacts = reports.latest_artifacts(store)
+    examples_uri = reports.artifact_uri(artifacts, "Examples")
+    sheet = reports.write_example_sheet(
+        reports.pick_one_per_class(reports.read_split(examples_uri, "train")),
+        os.path.join(config.figures_dir, "example_sheet.png"),
+    )
+    anomalies_uri = reports.artifact_uri(artifacts, "ExampleAnomalies")
+    print("\nDone. Where to look:")
+    print(f"  examples    {examples_uri}")
+    print(f"  statistics  {reports.artifact_uri(artifacts, 'ExampleStatistics')}")
+    print(f"  schema      {reports.artifact_uri(artifacts, 'Schema')}")
+    print(f"  anomalies   {anomalies_uri}")
+    for line in reports.anomalies_summary(anomalies_uri):
+        print(f"      {line}")
+    print(f"  figures     {sheet}")
+    print(f"  metadata    {config.metadata_path}")
+
+
+def main() -> None:
+    config = load_config()
+    run_through_cli(config)
+    summarise(config)
+
+
+if __name__ == "__main__":
+    main()
