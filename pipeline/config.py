@@ -36,6 +36,19 @@ class PipelineConfig:
     # train:eval:test in tenths; the paper's 70:20:10.
     split_tenths: Tuple[int, int, int] = (7, 2, 1)
 
+    # Classifier (modules/classifier.py): the paper's batch 32, 25 epochs, last 40 layers.
+    input_size: int = 128
+    epochs: int = 25
+    batch_size: int = 32
+    fine_tune_layers: int = 40
+    learning_rate: float = 1e-3
+    # A local MobileNetV2 no-top weights file; None trains from scratch (nothing is downloaded).
+    weights_path: Optional[str] = None
+
+    # Evaluator gate: test-split accuracy every material must reach before the Pusher ships.
+    min_accuracy: Dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"SrTiO3": 0.6, "CdTe": 0.6})
+
     # Beam, for the data-parallel components.
     beam_pipeline_args: Tuple[str, ...] = ("--direct_num_workers=0", "--direct_running_mode=multi_processing")
 
@@ -53,6 +66,11 @@ class PipelineConfig:
             )
         if sum(self.split_tenths) != 10 or min(self.split_tenths) < 1:
             raise ValueError(f"split_tenths must be three positive parts of 10, got {self.split_tenths}")
+        missing = sorted(set(self.materials) - set(self.min_accuracy))
+        if missing:
+            raise ValueError(f"min_accuracy has no threshold for materials {missing}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32 pixels (MobileNetV2), got {self.input_size}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
 
@@ -63,6 +81,10 @@ class PipelineConfig:
     @property
     def metadata_path(self) -> str:
         return os.path.join(self.output_dir, "metadata", self.pipeline_name, "metadata.db")
+
+    @property
+    def serving_model_dir(self) -> str:
+        return os.path.join(self.output_dir, "serving_model", self.pipeline_name)
 
     @property
     def figures_dir(self) -> str:
@@ -79,6 +101,9 @@ PROFILES: Dict[str, Dict] = {
         pipeline_name="stem_defects_test",
         num_images=40,
         image_size=64,
+        input_size=64,
+        epochs=1,
+        min_accuracy={"SrTiO3": 0.0, "CdTe": 0.0},
         beam_pipeline_args=("--direct_num_workers=1", "--direct_running_mode=in_memory"),
     ),
 }

@@ -7,6 +7,7 @@ a demo never touches ~/tfx. Rerun it any time: the pipeline is updated, not re-c
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,23 +41,33 @@ def run_through_cli(config: PipelineConfig) -> None:
 
 
 def summarise(config: PipelineConfig) -> None:
-    store = reports.open_store(config.metadata_path)
-    artifacts = reports.latest_artifacts(store)
-    examples_uri = reports.artifact_uri(artifacts, "Examples")
+    outputs = reports.run_outputs(reports.open_store(config.metadata_path))
+    examples_uri = outputs["SyntheticStemGen.examples"].uri
     sheet = reports.write_example_sheet(
         reports.pick_one_per_class(reports.read_split(examples_uri, "train")),
         os.path.join(config.figures_dir, "example_sheet.png"),
     )
-    anomalies_uri = reports.artifact_uri(artifacts, "ExampleAnomalies")
+    curves = os.path.join(config.figures_dir, "classifier_training_curves.png")
+    shutil.copyfile(os.path.join(outputs["Trainer.model_run"].uri, "training_curves.png"), curves)
+    pushed = outputs["Pusher.pushed_model"]
+
     print("\nDone. Where to look:")
-    print(f"  examples    {examples_uri}")
-    print(f"  statistics  {reports.artifact_uri(artifacts, 'ExampleStatistics')}")
-    print(f"  schema      {reports.artifact_uri(artifacts, 'Schema')}")
-    print(f"  anomalies   {anomalies_uri}")
-    for line in reports.anomalies_summary(anomalies_uri):
-        print(f"      {line}")
-    print(f"  figures     {sheet}")
-    print(f"  metadata    {config.metadata_path}")
+    print(f"  examples      {examples_uri}")
+    print(f"  statistics    {outputs['StatisticsGen.statistics'].uri}")
+    print(f"  schema        {outputs['ImportSchemaGen.schema'].uri}")
+    print(f"  anomalies     {outputs['ExampleValidator.anomalies'].uri}")
+    for line in reports.anomalies_summary(outputs["ExampleValidator.anomalies"].uri):
+        print(f"                  {line}")
+    print(f"  evaluation    {outputs['Evaluator.evaluation'].uri}")
+    for line in reports.accuracy_summary(outputs["Evaluator.evaluation"].uri):
+        print(f"                  {line}")
+    if pushed.custom_properties["pushed"].int_value:
+        print(f"  pushed model  {pushed.custom_properties['pushed_destination'].string_value}")
+    else:
+        print("  pushed model  none: the evaluation gate did not bless this model")
+    print(f"  figures       {sheet}")
+    print(f"                {curves}")
+    print(f"  metadata      {config.metadata_path}")
 
 
 def main() -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pathlib
 from typing import List, Optional
 
+import tensorflow_model_analysis as tfma
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 
+from components import contract
 from components.synthesis.component import SyntheticStemGen
+from modules import classifier, transform
 from pipeline.config import SCHEMA_DIR, PipelineConfig
 
 
@@ -20,7 +25,51 @@ def synthesis_config_json(config: PipelineConfig) -> str:
         "size": config.image_size,
         "pixel_size_pm": list(config.pixel_size_pm),
         "dose": list(config.dose),
+        "code_fingerprint": code_fingerprint(COMPONENTS_DIR),
     }, sort_keys=True)
+
+
+COMPONENTS_DIR = pathlib.Path(contract.__file__).parent
+MODULES_DIR = pathlib.Path(transform.__file__).parent
+
+
+def code_fingerprint(*folders: pathlib.Path) -> str:
+    """Hash of the Python files in `folders`: part of a component's cache key.
+
+    TFX's cache sees a component's inputs and parameters, not the code a dotted path names,
+    so without this an edited simulator or module file would be served stale results.
+    """
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
+    """Accuracy overall and per material; the blessing needs every material's threshold."""
+    per_material = [
+        tfma.PerSliceMetricThreshold(
+            slicing_specs=[tfma.SlicingSpec(feature_values={contract.MATERIAL: material})],
+            threshold=tfma.MetricThreshold(
+                value_threshold=tfma.GenericValueThreshold(lower_bound={"value": bound})),
+        )
+        for material, bound in sorted(config.min_accuracy.items()) if material in config.materials
+    ]
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(
+            signature_name="serving_default",
+            preprocessing_function_names=["transform_features"],
+            label_key=transform.LABEL_XF,
+            prediction_key=classifier.PROBABILITIES,
+        )],
+        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[contract.MATERIAL])],
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="SparseCategoricalAccuracy",
+                              per_slice_thresholds=per_material),
+            tfma.MetricConfig(class_name="ExampleCount"),
+        ])],
+    )
 
 
 def create_components(config: PipelineConfig) -> List:
@@ -35,7 +84,42 @@ def create_components(config: PipelineConfig) -> List:
         statistics=statistics_gen.outputs["statistics"],
         schema=schema_gen.outputs["schema"],
     )
-    return [examples_gen, statistics_gen, schema_gen, example_validator]
+    transform_component = tfx.components.Transform(
+        examples=examples_gen.outputs["examples"],
+        schema=schema_gen.outputs["schema"],
+        preprocessing_fn="modules.transform.preprocessing_fn",
+        custom_config={"input_size": config.input_size,
+                       transform.CODE_FINGERPRINT: code_fingerprint(COMPONENTS_DIR, MODULES_DIR)},
+    )
+    trainer = tfx.components.Trainer(
+        run_fn="modules.classifier.run_fn",
+        examples=transform_component.outputs["transformed_examples"],
+        transform_graph=transform_component.outputs["transform_graph"],
+        schema=schema_gen.outputs["schema"],
+        custom_config=dict(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            fine_tune_layers=config.fine_tune_layers,
+            learning_rate=config.learning_rate,
+            input_size=config.input_size,
+            weights_path=config.weights_path,
+            **{transform.CODE_FINGERPRINT: code_fingerprint(COMPONENTS_DIR, MODULES_DIR)},
+        ),
+    )
+    evaluator = tfx.components.Evaluator(
+        examples=examples_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        example_splits=["test"],
+        eval_config=classifier_eval_config(config),
+    )
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_model_dir)),
+    )
+    return [examples_gen, statistics_gen, schema_gen, example_validator,
+            transform_component, trainer, evaluator, pusher]
 
 
 def create_pipeline(config: PipelineConfig,

@@ -1,4 +1,4 @@
-"""What a person looks at after a run: the latest artifacts in ML Metadata and figures."""
+"""What a person looks at after a run: its artifacts in ML Metadata, and figures."""
 
 from __future__ import annotations
 
@@ -27,17 +27,32 @@ def open_store(metadata_path: str) -> metadata_store.MetadataStore:
     return metadata_store.MetadataStore(config)
 
 
-def latest_artifacts(store: metadata_store.MetadataStore) -> Dict[str, metadata_store_pb2.Artifact]:
-    """The newest LIVE artifact of each type, by type name (Examples, ExampleStatistics, ...)."""
-    latest: Dict[str, metadata_store_pb2.Artifact] = {}
-    types = {t.id: t.name for t in store.get_artifact_types()}
-    for artifact in store.get_artifacts():
-        if artifact.state != metadata_store_pb2.Artifact.LIVE:
-            continue
-        name = types[artifact.type_id]
-        if name not in latest or artifact.create_time_since_epoch >= latest[name].create_time_since_epoch:
-            latest[name] = artifact
-    return latest
+def pipeline_runs(store: metadata_store.MetadataStore) -> List[metadata_store_pb2.Context]:
+    """The pipeline's run contexts, oldest first."""
+    return sorted(store.get_contexts_by_type("pipeline_run"), key=lambda c: c.create_time_since_epoch)
+
+
+def component_names(store: metadata_store.MetadataStore) -> Dict[int, str]:
+    """{execution id: component id} from the node contexts."""
+    names = {}
+    for node in store.get_contexts_by_type("node"):
+        for execution in store.get_executions_by_context(node.id):
+            names[execution.id] = node.name.split(".")[-1]
+    return names
+
+
+def run_outputs(store: metadata_store.MetadataStore,
+                run_index: int = -1) -> Dict[str, metadata_store_pb2.Artifact]:
+    """{'Component.output': artifact} of one run (default the newest), cached outputs included."""
+    run = pipeline_runs(store)[run_index]
+    executions = store.get_executions_by_context(run.id)
+    names = component_names(store)
+    events = store.get_events_by_execution_ids([e.id for e in executions])
+    outputs = {
+        event.artifact_id: f"{names[event.execution_id]}.{event.path.steps[0].key}"
+        for event in events if event.type == metadata_store_pb2.Event.OUTPUT
+    }
+    return {outputs[a.id]: a for a in store.get_artifacts_by_id(list(outputs))}
 
 
 def read_split(examples_uri: str, split: str) -> Iterator[contract.Micrograph]:
@@ -105,7 +120,24 @@ def anomalies_summary(anomalies_uri: str) -> List[str]:
     return lines
 
 
-def artifact_uri(artifacts: Dict[str, metadata_store_pb2.Artifact], type_name: str) -> Optional[str]:
-    artifact = artifacts.get(type_name)
-    return artifact.uri if artifact else None
+def accuracy_summary(evaluation_uri: str) -> List[str]:
+    """Test accuracy per slice, then the gate's verdict with the failing slices."""
+    import tensorflow_model_analysis as tfma
 
+    lines = []
+    for slice_key, metrics in tfma.load_eval_result(evaluation_uri).slicing_metrics:
+        values = metrics[""][""]
+        name = ", ".join(f"{k}={v}" for k, v in slice_key) or "overall"
+        lines.append(f"{name}: accuracy {values['sparse_categorical_accuracy']['doubleValue']:.3f} "
+                     f"on {values['example_count']['doubleValue']:.0f} test images")
+    validation = tfma.load_validation_result(evaluation_uri)
+    if validation.validation_ok:
+        lines.append("gate: passed (blessed)")
+    for failure in validation.metric_validations_per_slice:
+        slice_name = ", ".join(f"{c.column}={c.bytes_value.decode()}"
+                               for c in failure.slice_key.single_slice_keys) or "overall"
+        for metric in failure.failures:
+            bound = metric.metric_threshold.value_threshold.lower_bound.value
+            lines.append(f"gate: FAILED on {slice_name}: {metric.metric_key.name} "
+                         f"{metric.metric_value.double_value.value:.3f} < {bound}")
+    return lines

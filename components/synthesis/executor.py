@@ -46,6 +46,7 @@ def split_of(index: int, groups: int, pattern: Tuple[int, ...]) -> int:
 def parse_synthesis_config(text: str):
     """(materials, labels, split_tenths, SimulationConfig) from the component's JSON."""
     options = json.loads(text)
+    options.pop("code_fingerprint", None)  # only part of the cache key
     materials = tuple(options.pop("materials"))
     labels = tuple(options.pop("labels"))
     split_tenths = tuple(options.pop("split_tenths"))

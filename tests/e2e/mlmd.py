@@ -12,10 +12,10 @@ Execution = metadata_store_pb2.Execution
 def executions_by_component(metadata_path: str, run_index: int = -1) -> Dict[str, int]:
     """{component id: last_known_state} for one pipeline run (default: the newest)."""
     store = reports.open_store(metadata_path)
-    component_of = {}
-    for node in store.get_contexts_by_type("node"):
-        for execution in store.get_executions_by_context(node.id):
-            component_of[execution.id] = node.name.split(".")[-1]
-    runs = sorted(store.get_contexts_by_type("pipeline_run"), key=lambda c: c.create_time_since_epoch)
-    return {component_of[e.id]: e.last_known_state
-            for e in store.get_executions_by_context(runs[run_index].id)}
+    names = reports.component_names(store)
+    run = reports.pipeline_runs(store)[run_index]
+    return {names[e.id]: e.last_known_state for e in store.get_executions_by_context(run.id)}
+
+
+def outputs_of_run(metadata_path: str, run_index: int) -> Dict[str, metadata_store_pb2.Artifact]:
+    return reports.run_outputs(reports.open_store(metadata_path), run_index)

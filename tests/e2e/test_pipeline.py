@@ -4,14 +4,19 @@ import glob
 import os
 
 import pytest
+import tensorflow as tf
+import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
+from components.defects import IMAGE_CLASSES
 from pipeline import reports
 from pipeline.config import load_config
 from pipeline.graph import create_pipeline
-from tests.e2e.mlmd import Execution, executions_by_component
+from components import contract
+from tests.e2e.mlmd import Execution, executions_by_component, outputs_of_run
 
-COMPONENTS = {"SyntheticStemGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator"}
+COMPONENTS = {"SyntheticStemGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
+              "Transform", "Trainer", "Evaluator", "Pusher"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def test_every_component_executed(runs):
 
 
 def test_second_run_is_served_from_cache(runs):
-    states = executions_by_component(runs.metadata_path, run_index=-1)
+    states = executions_by_component(runs.metadata_path, run_index=1)
     assert set(states) == COMPONENTS
     # ImportSchemaGen is an importer-like node: it re-registers its file each run.
     cached = {name for name, state in states.items() if state == Execution.CACHED}
@@ -38,8 +43,8 @@ def test_second_run_is_served_from_cache(runs):
 
 
 def test_artifacts_exist_with_all_splits(runs):
-    artifacts = reports.latest_artifacts(reports.open_store(runs.metadata_path))
-    examples = artifacts["Examples"].uri
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    examples = artifacts["SyntheticStemGen.examples"].uri
     counts = {}
     for split in ("train", "eval", "test"):
         assert glob.glob(os.path.join(examples, f"Split-{split}", "*.gz"))
@@ -47,20 +52,59 @@ def test_artifacts_exist_with_all_splits(runs):
     assert sum(counts.values()) == runs.num_images
     # 5 images per (material, label): 3 train, 1 eval, 1 test each.
     assert counts == {"train": 24, "eval": 8, "test": 8}
-    for type_name in ("ExampleStatistics", "Schema", "ExampleAnomalies"):
-        assert os.listdir(artifacts[type_name].uri), type_name
+    for output in ("StatisticsGen.statistics", "ImportSchemaGen.schema", "ExampleValidator.anomalies"):
+        assert os.listdir(artifacts[output].uri), output
 
 
 def test_synthetic_data_meets_the_schema(runs):
-    artifacts = reports.latest_artifacts(reports.open_store(runs.metadata_path))
-    lines = reports.anomalies_summary(artifacts["ExampleAnomalies"].uri)
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    lines = reports.anomalies_summary(artifacts["ExampleValidator.anomalies"].uri)
     assert lines == [f"{split}: no anomalies" for split in ("eval", "test", "train")]
 
 
 def test_example_sheet_has_every_material_and_class(runs, tmp_path):
-    artifacts = reports.latest_artifacts(reports.open_store(runs.metadata_path))
-    chosen = reports.pick_one_per_class(reports.read_split(artifacts["Examples"].uri, "train"))
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    chosen = reports.pick_one_per_class(reports.read_split(artifacts["SyntheticStemGen.examples"].uri, "train"))
     assert {(m.material, m.label) for m in chosen} == {
         (material, label) for material in runs.materials for label in runs.labels}
     path = reports.write_example_sheet(chosen, str(tmp_path / "sheet.png"))
     assert os.path.getsize(path) > 10_000
+
+
+def test_blessed_model_is_pushed_and_predicts_from_serialized_examples(runs):
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    assert artifacts["Evaluator.blessing"].custom_properties["blessed"].int_value == 1
+    assert artifacts["Pusher.pushed_model"].custom_properties["pushed"].int_value == 1
+    pushed = artifacts["Pusher.pushed_model"].custom_properties["pushed_destination"].string_value
+    assert pushed.startswith(runs.serving_model_dir)
+
+    serialized = [contract.to_example(m).SerializeToString()
+                  for m in list(reports.read_split(artifacts["SyntheticStemGen.examples"].uri, "test"))[:4]]
+    predict = tf.saved_model.load(pushed).signatures["serving_default"]
+    outputs = predict(examples=tf.constant(serialized))
+    probabilities = outputs["probabilities"].numpy()
+    assert probabilities.shape == (4, len(IMAGE_CLASSES))
+    assert probabilities.sum(axis=1) == pytest.approx(1.0, abs=1e-4)
+    assert {label.decode() for label in outputs["label"].numpy()} <= set(IMAGE_CLASSES)
+
+
+def test_training_curves_are_written(runs):
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    curves = os.path.join(artifacts["Trainer.model_run"].uri, "training_curves.png")
+    assert os.path.getsize(curves) > 10_000
+
+
+def test_unreachable_threshold_pushes_nothing(runs):
+    strict = runs.replace(min_accuracy={material: 1.01 for material in runs.materials})
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(strict))
+    states = executions_by_component(runs.metadata_path)
+    assert states["Trainer"] == Execution.CACHED
+    assert states["Evaluator"] == states["Pusher"] == Execution.COMPLETE
+    artifacts = outputs_of_run(runs.metadata_path, run_index=-1)
+    assert artifacts["Evaluator.blessing"].custom_properties["blessed"].int_value == 0
+    assert artifacts["Pusher.pushed_model"].custom_properties["pushed"].int_value == 0
+    validation = tfma.load_validation_result(artifacts["Evaluator.evaluation"].uri)
+    assert not validation.validation_ok
+    summary = reports.accuracy_summary(artifacts["Evaluator.evaluation"].uri)
+    for material in runs.materials:
+        assert any(line.startswith(f"gate: FAILED on material={material}: ") for line in summary), summary
