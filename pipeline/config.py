@@ -19,10 +19,24 @@ SCHEMA_DIR = os.path.join(PROJECT_ROOT, "schema")
 
 
 @dataclasses.dataclass(frozen=True)
+class KubeflowSettings:
+    """Where and how the compiled pipeline runs on a Kubeflow Pipelines (v2) cluster."""
+
+    image: str = "ghcr.io/stem-defects/pipeline:0.1.0"  # built from kubeflow/Dockerfile
+    pipeline_root: str = "gs://stem-defects/pipeline_root"
+    trainer_gpu_type: str = "NVIDIA_TESLA_T4"
+    trainer_gpu_count: int = 1
+    trainer_cpu: float = 8.0
+    trainer_memory: str = "32G"
+    step_cpu: float = 4.0  # every other step
+    step_memory: str = "16G"
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Everything one run needs; `validate()` is called on construction."""
 
-    pipeline_name: str = "stem_defects"
+    pipeline_name: str = "stem-defects"  # KFP allows [a-z0-9-] only
     output_dir: str = DEFAULT_OUTPUT_DIR
 
     # Synthesis.
@@ -48,6 +62,8 @@ class PipelineConfig:
     # Evaluator gate: test-split accuracy every material must reach before the Pusher ships.
     min_accuracy: Dict[str, float] = dataclasses.field(
         default_factory=lambda: {"SrTiO3": 0.6, "CdTe": 0.6})
+
+    kubeflow: KubeflowSettings = KubeflowSettings()
 
     # Beam, for the data-parallel components.
     beam_pipeline_args: Tuple[str, ...] = ("--direct_num_workers=0", "--direct_running_mode=multi_processing")
@@ -98,7 +114,7 @@ PROFILES: Dict[str, Dict] = {
     "demo": {},
     # A few dozen small images, single-process Beam: the end-to-end tests.
     "test": dict(
-        pipeline_name="stem_defects_test",
+        pipeline_name="stem-defects-test",
         num_images=40,
         image_size=64,
         input_size=64,
