@@ -5,13 +5,26 @@ contract sizes mask channels with them, the models name output channels after th
 matters: it is the channel order of every mask and heat map.
 """
 
-DEFECT_CLASSES = ("vacancy", "substitution", "interstitial")
+# Point defects first, then the extended ones: a dislocation core and the two planar
+# defects of close-packed stacking.
+DEFECT_CLASSES = (
+    "vacancy",
+    "substitution",
+    "interstitial",
+    "dislocation",
+    "stacking_fault",
+    "twin_boundary",
+)
 
 # Image class of a defect-free crystal; the classifier's labels are BULK_LABEL plus the
 # defect classes present in the data.
 BULK_LABEL = "bulk"
 
 IMAGE_CLASSES = (BULK_LABEL,) + DEFECT_CLASSES
+
+# Image label of a segmentation image that shows more than one defect class; its mask and
+# multi-hot vector say which.
+MIXED_LABEL = "mixed"
 
 
 def class_index(name: str) -> int:

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Dict, Optional, Tuple
 
-from components.defects import IMAGE_CLASSES
+from components.defects import BULK_LABEL
 from components.materials import MATERIALS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,8 @@ class PipelineConfig:
     dose: Tuple[float, float] = (2e3, 2e4)
     seed: int = 20261125
     materials: Tuple[str, ...] = ("SrTiO3", "CdTe")
-    labels: Tuple[str, ...] = IMAGE_CLASSES
+    # Image classes to simulate; None: bulk plus every defect class each material declares.
+    labels: Optional[Tuple[str, ...]] = None
     # train:eval:test in tenths; the paper's 70:20:10.
     split_tenths: Tuple[int, int, int] = (7, 2, 1)
 
@@ -75,11 +76,10 @@ class PipelineConfig:
         unknown = [m for m in self.materials if m not in MATERIALS]
         if unknown:
             raise ValueError(f"unknown materials {unknown}; known: {sorted(MATERIALS)}")
-        if self.num_images < len(self.materials) * len(self.labels):
+        pairs = self.material_labels()
+        if self.num_images < sum(len(labels) for labels in pairs.values()):
             raise ValueError(
-                f"num_images={self.num_images} is fewer than one image per material and label "
-                f"({len(self.materials)} x {len(self.labels)})"
-            )
+                f"num_images={self.num_images} is fewer than one image per material and label {pairs}")
         if sum(self.split_tenths) != 10 or min(self.split_tenths) < 1:
             raise ValueError(f"split_tenths must be three positive parts of 10, got {self.split_tenths}")
         missing = sorted(set(self.materials) - set(self.min_accuracy))
@@ -89,6 +89,14 @@ class PipelineConfig:
             raise ValueError(f"input_size must be at least 32 pixels (MobileNetV2), got {self.input_size}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+
+    def material_labels(self) -> Dict[str, Tuple[str, ...]]:
+        """The image classes simulated for each material."""
+        pairs = {}
+        for material in self.materials:
+            own = (BULK_LABEL,) + MATERIALS[material].defect_classes
+            pairs[material] = own if self.labels is None else tuple(l for l in self.labels if l in own)
+        return pairs
 
     @property
     def pipeline_root(self) -> str:
@@ -115,8 +123,8 @@ PROFILES: Dict[str, Dict] = {
     # A few dozen small images, single-process Beam: the end-to-end tests.
     "test": dict(
         pipeline_name="stem-defects-test",
-        num_images=40,
-        image_size=64,
+        num_images=60,  # five per (material, label) pair: 3 train, 1 eval, 1 test
+        image_size=96,
         input_size=64,
         epochs=1,
         min_accuracy={"SrTiO3": 0.0, "CdTe": 0.0},

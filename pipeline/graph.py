@@ -20,7 +20,7 @@ from pipeline.config import SCHEMA_DIR, PipelineConfig
 def synthesis_config_json(config: PipelineConfig) -> str:
     return json.dumps({
         "materials": list(config.materials),
-        "labels": list(config.labels),
+        "labels": list(config.labels) if config.labels is not None else None,
         "split_tenths": list(config.split_tenths),
         "size": config.image_size,
         "pixel_size_pm": list(config.pixel_size_pm),

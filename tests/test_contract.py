@@ -13,7 +13,7 @@ def make_micrograph(**changes):
         label="vacancy",
         pixel_size_pm=20.5,
         source="synthetic:seed=1:index=2",
-        defect_classes=np.array([1, 0, 0], np.int64),
+        defect_classes=np.eye(len(DEFECT_CLASSES), dtype=np.int64)[0],
         mask_true=(rng.random((len(DEFECT_CLASSES), 48, 64)) > 0.9).astype(np.uint8),
         dose=5000.0,
     )

@@ -5,7 +5,7 @@ import os
 from tensorflow_metadata.proto.v0 import schema_pb2
 from google.protobuf import text_format
 
-from components.defects import IMAGE_CLASSES
+from components.defects import DEFECT_CLASSES, IMAGE_CLASSES, MIXED_LABEL
 from components.materials import MATERIALS
 from pipeline.config import SCHEMA_DIR
 
@@ -15,7 +15,12 @@ def load_schema():
         return text_format.Parse(handle.read(), schema_pb2.Schema())
 
 
-def test_label_domain_is_bulk_plus_defect_classes():
+def test_label_domain_is_the_image_classes_plus_mixed():
     domains = {d.name: list(d.value) for d in load_schema().string_domain}
-    assert domains["label"] == list(IMAGE_CLASSES)
+    assert domains["label"] == list(IMAGE_CLASSES + (MIXED_LABEL,))
     assert sorted(domains["material"]) == sorted(MATERIALS)
+
+
+def test_defect_classes_has_one_entry_per_class():
+    (feature,) = [f for f in load_schema().feature if f.name == "defect_classes"]
+    assert feature.value_count.min == feature.value_count.max == len(DEFECT_CLASSES)

@@ -8,9 +8,6 @@ def test_pattern_follows_the_ratio_and_every_prefix_of_five_has_all_splits():
     assert [split_pattern((6, 3, 1)).count(s) for s in range(3)] == [6, 3, 1]
 
 
-def test_split_is_stratified_by_block():
+def test_split_follows_each_pairs_occurrence():
     pattern = split_pattern((7, 2, 1))
-    groups = 8
-    # every image of block n shares a split, whichever pair it is
-    assert {split_of(index, groups, pattern) for index in range(8, 16)} == {pattern[1]}
-    assert [split_of(n * groups + 3, groups, pattern) for n in range(10)] == list(pattern)
+    assert [split_of(n, pattern) for n in range(12)] == list(pattern) + list(pattern[:2])

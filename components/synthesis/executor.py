@@ -38,17 +38,21 @@ def split_pattern(split_tenths: Tuple[int, int, int]) -> Tuple[int, ...]:
     return tuple(pattern)
 
 
-def split_of(index: int, groups: int, pattern: Tuple[int, ...]) -> int:
-    """Stratified split: the plan holds each (material, label) once per block of `groups`."""
-    return pattern[(index // groups) % len(pattern)]
+def split_of(occurrence: int, pattern: Tuple[int, ...]) -> int:
+    """Stratified split: the n-th image of each (material, label) pair takes slot n mod 10."""
+    return pattern[occurrence % len(pattern)]
 
 
 def parse_synthesis_config(text: str):
-    """(materials, labels, split_tenths, SimulationConfig) from the component's JSON."""
+    """(materials, labels or None, split_tenths, SimulationConfig) from the component's JSON.
+
+    labels None means every label that applies to each material.
+    """
     options = json.loads(text)
     options.pop("code_fingerprint", None)  # only part of the cache key
     materials = tuple(options.pop("materials"))
-    labels = tuple(options.pop("labels"))
+    labels = options.pop("labels")
+    labels = tuple(labels) if labels is not None else None
     split_tenths = tuple(options.pop("split_tenths"))
     for key in ("pixel_size_pm", "dose"):
         if key in options:
@@ -56,9 +60,10 @@ def parse_synthesis_config(text: str):
     return materials, labels, split_tenths, simulator.SimulationConfig(**options)
 
 
-def simulate_example(item: Tuple[int, str, str], seed: int,
+def simulate_example(item: Tuple[int, str, str, int], seed: int,
                      config: "simulator.SimulationConfig") -> bytes:
-    index, material, label = item
+    """One planned (index, material, label, occurrence) image as a serialized tf.Example."""
+    index, material, label, _ = item
     simulated = simulator.simulate_image(material, label, simulator.seed_for(seed, index), config)
     micrograph = contract.Micrograph(
         image=simulated.image,
@@ -82,8 +87,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         seed = exec_properties["seed"]
         materials, labels, split_tenths, config = parse_synthesis_config(
             exec_properties["synthesis_config"])
-        plan = simulator.plan_dataset(num_images, materials, labels, seed)
-        groups = len(materials) * len(labels)
+        plan = simulator.plan_dataset(num_images, materials, seed, labels)
         pattern = split_pattern(split_tenths)
 
         examples = artifact_utils.get_single_instance(output_dict["examples"])
@@ -95,7 +99,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             keyed = (
                 pipeline
                 | "Plan" >> beam.Create(plan, reshuffle=True)
-                | "Simulate" >> beam.Map(lambda item: (split_of(item[0], groups, pattern),
+                | "Simulate" >> beam.Map(lambda item: (split_of(item[3], pattern),
                                                        simulate_example(item, seed, config)))
             )
             parts = keyed | "Split" >> beam.Partition(lambda kv, _: kv[0], len(SPLITS))

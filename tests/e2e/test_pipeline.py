@@ -50,8 +50,10 @@ def test_artifacts_exist_with_all_splits(runs):
         assert glob.glob(os.path.join(examples, f"Split-{split}", "*.gz"))
         counts[split] = sum(1 for _ in reports.read_split(examples, split))
     assert sum(counts.values()) == runs.num_images
-    # 5 images per (material, label): 3 train, 1 eval, 1 test each.
-    assert counts == {"train": 24, "eval": 8, "test": 8}
+    # 5 images per (material, label) pair: 3 train, 1 eval, 1 test each.
+    pairs = sum(len(labels) for labels in runs.material_labels().values())
+    assert runs.num_images == 5 * pairs
+    assert counts == {"train": 3 * pairs, "eval": pairs, "test": pairs}
     for output in ("StatisticsGen.statistics", "ImportSchemaGen.schema", "ExampleValidator.anomalies"):
         assert os.listdir(artifacts[output].uri), output
 
@@ -66,7 +68,7 @@ def test_example_sheet_has_every_material_and_class(runs, tmp_path):
     artifacts = outputs_of_run(runs.metadata_path, run_index=0)
     chosen = reports.pick_one_per_class(reports.read_split(artifacts["SyntheticStemGen.examples"].uri, "train"))
     assert {(m.material, m.label) for m in chosen} == {
-        (material, label) for material in runs.materials for label in runs.labels}
+        (material, label) for material, labels in runs.material_labels().items() for label in labels}
     path = reports.write_example_sheet(chosen, str(tmp_path / "sheet.png"))
     assert os.path.getsize(path) > 10_000
 
