@@ -147,7 +147,8 @@ class Material:
                 raise ValueError(f"{self.name}: vacancy column {column_name!r} is not a column")
         for planes in self.stacking_planes:
             if planes.layer_column not in names:
-                raise ValueError(f"{self.name}: layer column {planes.layer_column!r} is not a column")
+                raise ValueError(
+                    f"{self.name}: layer column {planes.layer_column!r} is not a column")
         unknown = [c for c in self.defect_classes if c not in DEFECT_CLASSES]
         if unknown or len(set(self.defect_classes)) != len(self.defect_classes):
             raise ValueError(

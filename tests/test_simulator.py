@@ -12,7 +12,6 @@ from scipy.spatial import cKDTree
 from components.defects import (
     BULK_LABEL,
     DEFECT_CLASSES,
-    IMAGE_CLASSES,
     MIXED_LABEL,
     class_index,
 )
@@ -270,7 +269,8 @@ def test_render_is_the_exact_sum_of_shifted_probes():
     direct = np.zeros((64, 64))
     for weight, s in ((0.95 / sigma**2, sigma), (0.05 / (4 * sigma) ** 2, 4 * sigma)):
         gy = np.exp(-((x[:, None] - sim.column_positions[None, :, 0]) ** 2) / (2 * s**2))
-        dx = x[None, None, :] - sim.scan_shift_px[:, None, None] - sim.column_positions[None, :, 1:2].T
+        dx = (x[None, None, :] - sim.scan_shift_px[:, None, None]
+              - sim.column_positions[None, :, 1:2].T)
         gx = np.exp(-(dx**2) / (2 * s**2))
         direct += weight * np.einsum("yk,k,ykx->yx", gy, sim.column_intensities, gx)
     np.testing.assert_allclose(sim.image / sim.image.max(), direct / direct.max(), atol=3e-5)
@@ -430,7 +430,8 @@ def test_dislocation_has_the_burgers_vector_closure_failure(material, defects, c
     # The same circuit moved off the core (inside the image) closes: no dislocation inside.
     box = np.array([np.zeros(2), n1 * e1, n2 * e2, n1 * e1 + n2 * e2])
     moves = [s * (n1 + 1) * e1 for s in (1, -1)] + [s * (n2 + 1) * e2 for s in (1, -1)]
-    shifted = next(corner + m for m in moves if np.all((corner + m + box > 5) & (corner + m + box < 250)))
+    shifted = next(corner + m for m in moves
+                   if np.all((corner + m + box > 5) & (corner + m + box < 250)))
     gap, cells = closure(shifted)
     np.testing.assert_allclose(cells, 0, atol=0.2)
 
@@ -607,6 +608,68 @@ def test_stacking_fault_and_twin_in_one_image_keep_every_bond():
     away = np.hypot(*(cd - core).T) > 2 * get_material("CdTe").cell[0] / 0.2
     distance, _ = cKDTree(te).query(cd[away])
     np.testing.assert_allclose(distance, 1.62 / 0.2, rtol=0.05)
+
+
+# --- multislice cross-check ------------------------------------------------------------
+
+
+def _column_peak(image, yx):
+    """Sub-pixel (y, x) and height of the maximum nearest yx (log-parabola per axis)."""
+    y, x = np.round(yx).astype(int)
+    window = image[y - 2:y + 3, x - 2:x + 3]
+    i, j = np.unravel_index(np.argmax(window), window.shape)
+    y, x = y - 2 + i, x - 2 + j
+    log = np.log(image[y - 1:y + 2, x - 1:x + 2].astype(np.float64))
+    fit = []
+    for minus, plus in ((log[0, 1], log[2, 1]), (log[1, 0], log[1, 2])):
+        curvature = minus - 2 * log[1, 1] + plus
+        fit.append((0.5 * (minus - plus) / curvature, -((minus - plus) ** 2) / (8 * curvature)))
+    return np.array([y + fit[0][0], x + fit[1][0]]), np.exp(log[1, 1] + fit[0][1] + fit[1][1])
+
+
+@pytest.mark.parametrize("run", range(4))
+def test_column_contrast_and_positions_match_frozen_phonon_multislice(run):
+    """Peak heights relative to the brightest column, and peak positions, against abTEM.
+
+    tests/fixtures/abtem_reference.json comes from benchmarks/abtem_reference.py: frozen-
+    phonon multislice, 200 kV, 20 mrad probe, 70-200 mrad detector, SrTiO3 [001] and CdTe
+    [110] at 5 and 10 nm. We render with the default probe, noise off, at the same thickness.
+    Measured, ours / multislice: TiO/Sr 1.00 at 5 nm, 0.85 at 10 nm (the multislice ratio
+    grows with thickness, 0.47 -> 0.55, which a linear Z**n model cannot follow); Cd/Te 1.00
+    and 0.97; O/Sr 1.74 and 1.63 (Z**1.7 overrates light columns at 70-200 mrad: 0.076 vs
+    0.044). Hence: heavy-column ratios within 20 %, O/Sr above the multislice value but
+    within a factor 2, peak positions within 0.015 of a cell edge (the multislice peaks
+    scatter by up to 0.0085 from frozen-phonon sampling; ours sit on the registry).
+    """
+    with open(os.path.join(FIXTURES, "abtem_reference.json")) as handle:
+        reference = json.load(handle)["runs"][run]
+    material = get_material(reference["material"])
+    thickness = reference["thickness_nm"]
+    config = dataclasses.replace(CLEAN, pixel_size_pm=(5.0, 5.0), probe_tail_weight=0.05,
+                                 thickness_nm=(thickness, thickness))
+    sim = simulate_image(material.name, BULK_LABEL, 1, config)
+    cell = np.array(material.cell)[::-1] / 0.05  # (y, x) pixels
+    first = _columns(sim, material.columns[0].name)
+    first = first[np.argmin(np.hypot(*(first - 64).T))]  # room for a whole cell below it
+    origin = first - np.array(material.columns[0].position)[::-1] * cell
+
+    ours, theirs = {}, {}
+    for column, measured in zip(material.columns, reference["columns"]):
+        assert measured["name"] == column.name and measured["registry"] == list(column.position)
+        yx, height = _column_peak(sim.image, origin + np.array(column.position)[::-1] * cell)
+        np.testing.assert_allclose(((yx - origin) / cell)[::-1], measured["position"], atol=0.015)
+        ours.setdefault(column.name, []).append(height)
+        theirs.setdefault(column.name, []).append(measured["intensity"])
+    ours = {k: np.mean(v) for k, v in ours.items()}
+    theirs = {k: np.mean(v) for k, v in theirs.items()}
+    brightest = max(theirs, key=theirs.get)
+    assert brightest == max(ours, key=ours.get)
+    for name in ours:
+        ratio = (ours[name] / ours[brightest]) / (theirs[name] / theirs[brightest])
+        if name == "O":
+            assert 1.0 < ratio < 2.0, (name, ratio)
+        else:
+            assert abs(ratio - 1) < 0.2, (name, ratio)
 
 
 # --- randomness -------------------------------------------------------------------------

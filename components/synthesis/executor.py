@@ -54,9 +54,8 @@ def parse_synthesis_config(text: str):
     labels = options.pop("labels")
     labels = tuple(labels) if labels is not None else None
     split_tenths = tuple(options.pop("split_tenths"))
-    for key in ("pixel_size_pm", "dose"):
-        if key in options:
-            options[key] = tuple(options[key])
+    # JSON has no tuples; SimulationConfig's ranges are tuples (and must stay hashable).
+    options = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
     return materials, labels, split_tenths, simulator.SimulationConfig(**options)
 
 

@@ -549,7 +549,8 @@ class _Scene:
             chosen = rng.choice(candidates, size=count, replace=False)
             if label == "interstitial":
                 occupancy = rng.uniform(*config.interstitial_occupancy, size=count)
-                added = np.array([_weight(crystal.interstitials[k].atoms, n) for k in index[chosen]])
+                added = np.array(
+                    [_weight(crystal.interstitials[k].atoms, n) for k in index[chosen]])
                 positions = np.concatenate([positions, xy[chosen, ::-1]])
                 weights = np.concatenate([weights, atoms_per_repeat * added * occupancy])
                 names = np.concatenate(
@@ -605,7 +606,8 @@ class _Scene:
                 # First-order inverse of the displacement: where the pixel sat before it.
                 core, burgers, nu, cut = self.dislocation
                 grid = np.stack(np.broadcast_arrays(x, y), axis=-1).reshape(-1, 2)
-                n -= (_edge_displacement(grid, core, burgers, nu, cut) @ self.normal).reshape(n.shape)
+                u = _edge_displacement(grid, core, burgers, nu, cut)
+                n -= (u @ self.normal).reshape(n.shape)
             for label, c, _ in self.cuts:
                 mask[class_index(label)] |= np.abs(n - c) <= self.spacing
         return mask
