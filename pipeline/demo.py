@@ -21,6 +21,9 @@ def cli_environment(config: PipelineConfig) -> dict:
     env = dict(os.environ)
     env["LOCAL_HOME"] = os.path.join(config.output_dir, "tfx_home")
     env["STEM_OUTPUT_DIR"] = config.output_dir
+    # TensorFlow's C++ start-up chatter and library deprecation warnings bury the summary.
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONWARNINGS", "ignore")
     # The CLI calls `pip freeze` and runs the pipeline with the `tfx` executable's Python.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
