@@ -17,6 +17,27 @@ from modules import classifier, transform
 from pipeline.config import SCHEMA_DIR, PipelineConfig
 
 
+_COMPONENTS = pathlib.Path(contract.__file__).parent
+# The code each custom step runs, beyond its parameters: simulator and its data, module files.
+SYNTHESIS_CODE = (_COMPONENTS / "synthesis", _COMPONENTS / "materials.py",
+                  _COMPONENTS / "defects.py", _COMPONENTS / "contract.py")
+MODULES_CODE = (pathlib.Path(transform.__file__).parent, _COMPONENTS / "contract.py",
+                _COMPONENTS / "defects.py")
+
+
+def code_fingerprint(paths) -> str:
+    """Hash of the Python files at `paths` (files or folders): part of a step's cache key.
+
+    TFX's cache sees a component's inputs and parameters, not the code a dotted path names,
+    so without this an edited simulator or module file would be served stale results.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def synthesis_config_json(config: PipelineConfig) -> str:
     return json.dumps({
         "materials": list(config.materials),
@@ -25,25 +46,8 @@ def synthesis_config_json(config: PipelineConfig) -> str:
         "size": config.image_size,
         "pixel_size_pm": list(config.pixel_size_pm),
         "dose": list(config.dose),
-        "code_fingerprint": code_fingerprint(COMPONENTS_DIR),
+        "code_fingerprint": code_fingerprint(SYNTHESIS_CODE),
     }, sort_keys=True)
-
-
-COMPONENTS_DIR = pathlib.Path(contract.__file__).parent
-MODULES_DIR = pathlib.Path(transform.__file__).parent
-
-
-def code_fingerprint(*folders: pathlib.Path) -> str:
-    """Hash of the Python files in `folders`: part of a component's cache key.
-
-    TFX's cache sees a component's inputs and parameters, not the code a dotted path names,
-    so without this an edited simulator or module file would be served stale results.
-    """
-    digest = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
@@ -89,7 +93,7 @@ def create_components(config: PipelineConfig) -> List:
         schema=schema_gen.outputs["schema"],
         preprocessing_fn="modules.transform.preprocessing_fn",
         custom_config={"input_size": config.input_size,
-                       transform.CODE_FINGERPRINT: code_fingerprint(COMPONENTS_DIR, MODULES_DIR)},
+                       transform.CODE_FINGERPRINT: code_fingerprint(MODULES_CODE)},
     )
     trainer = tfx.components.Trainer(
         run_fn="modules.classifier.run_fn",
@@ -103,7 +107,7 @@ def create_components(config: PipelineConfig) -> List:
             learning_rate=config.learning_rate,
             input_size=config.input_size,
             weights_path=config.weights_path,
-            **{transform.CODE_FINGERPRINT: code_fingerprint(COMPONENTS_DIR, MODULES_DIR)},
+            **{transform.CODE_FINGERPRINT: code_fingerprint(MODULES_CODE)},
         ),
     )
     evaluator = tfx.components.Evaluator(

@@ -1,0 +1,27 @@
+"""The cache keys of the custom steps follow their code."""
+
+import shutil
+
+from pipeline import graph
+
+
+def test_fingerprint_changes_with_the_code_it_covers_and_only_that(tmp_path):
+    covered = tmp_path / "synthesis"
+    shutil.copytree(graph.SYNTHESIS_CODE[0], covered, ignore=shutil.ignore_patterns("__pycache__"))
+    unrelated = tmp_path / "elsewhere.py"
+    unrelated.write_text("x = 1\n")
+    before = graph.code_fingerprint([covered])
+    unrelated.write_text("x = 2\n")
+    assert graph.code_fingerprint([covered]) == before
+    (covered / "simulator.py").write_text((covered / "simulator.py").read_text() + "\n# edited\n")
+    assert graph.code_fingerprint([covered]) != before
+
+
+def test_pipeline_parameters_carry_the_fingerprints():
+    from pipeline.config import load_config
+
+    components = {c.id: c for c in graph.create_components(load_config("test"))}
+    assert graph.code_fingerprint(graph.SYNTHESIS_CODE) in \
+        components["SyntheticStemGen"].exec_properties["synthesis_config"]
+    trainer_config = components["Trainer"].exec_properties["custom_config"]
+    assert graph.code_fingerprint(graph.MODULES_CODE) in str(trainer_config)
