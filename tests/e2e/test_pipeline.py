@@ -1,4 +1,4 @@
-"""The whole graph on a few dozen small images with LocalDagRunner, checked in ML Metadata."""
+"""The whole graph on sixty small images with LocalDagRunner, checked in ML Metadata."""
 
 import glob
 import os
@@ -8,11 +8,11 @@ import tensorflow as tf
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
+from components import contract
 from components.defects import IMAGE_CLASSES
 from pipeline import reports
 from pipeline.config import load_config
 from pipeline.graph import create_pipeline
-from components import contract
 from tests.e2e.mlmd import Execution, executions_by_component, outputs_of_run
 
 COMPONENTS = {"SyntheticStemGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
