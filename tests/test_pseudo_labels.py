@@ -114,7 +114,8 @@ def test_rotated_lattice_recovered_like_aligned_one():
         assert np.allclose(lengths, A, rtol=0.003), (angle, lengths)
         found = math.degrees(math.atan2(lattice.vectors[0][0], lattice.vectors[0][1]))
         # lattice_image puts the first cell vector along (y, x) = (cos, sin) of the angle
-        drawn = math.degrees(math.atan2(math.cos(math.radians(angle)), math.sin(math.radians(angle))))
+        t = math.radians(angle)
+        drawn = math.degrees(math.atan2(math.cos(t), math.sin(t)))
         off = (found - drawn) % 90.0
         assert min(off, 90.0 - off) < 0.2, (angle, found)
 
