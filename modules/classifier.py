@@ -24,8 +24,8 @@ from tfx_bsl.public import tfxio  # noqa: E402
 
 from components import contract  # noqa: E402
 from modules import plots  # noqa: E402
-from modules.transform import (CODE_FINGERPRINT, IMAGE_XF, LABEL_VOCABULARY, LABEL_XF,  # noqa: E402
-                               input_size)
+from modules.transform import (CODE_FINGERPRINT, DEFAULT_INPUT_SIZE, IMAGE_XF,  # noqa: E402
+                               LABEL_VOCABULARY, LABEL_XF)
 
 PROBABILITIES = "probabilities"
 PREDICTED_LABEL = "label"
@@ -41,7 +41,7 @@ class TrainingConfig:
     fine_tune_layers: int = 40
     learning_rate: float = 1e-3
     alpha: float = 0.35  # MobileNetV2 width multiplier
-    input_size: int = 128
+    input_size: int = DEFAULT_INPUT_SIZE
     batch_norm_momentum: float = 0.9
     pooling: str = "max"
     weights_path: Optional[str] = None  # a MobileNetV2 no-top .h5 file, or None: from scratch
@@ -50,7 +50,6 @@ class TrainingConfig:
     def from_custom_config(cls, custom_config: Optional[Dict[str, Any]]) -> "TrainingConfig":
         options = dict(custom_config or {})
         options.pop(CODE_FINGERPRINT, None)
-        options["input_size"] = input_size(options)
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:

@@ -88,12 +88,13 @@ def create_components(config: PipelineConfig) -> List:
         statistics=statistics_gen.outputs["statistics"],
         schema=schema_gen.outputs["schema"],
     )
+    modules_fingerprint = code_fingerprint(MODULES_CODE)
     transform_component = tfx.components.Transform(
         examples=examples_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
         preprocessing_fn="modules.transform.preprocessing_fn",
         custom_config={"input_size": config.input_size,
-                       transform.CODE_FINGERPRINT: code_fingerprint(MODULES_CODE)},
+                       transform.CODE_FINGERPRINT: modules_fingerprint},
     )
     trainer = tfx.components.Trainer(
         run_fn="modules.classifier.run_fn",
@@ -107,7 +108,7 @@ def create_components(config: PipelineConfig) -> List:
             learning_rate=config.learning_rate,
             input_size=config.input_size,
             weights_path=config.weights_path,
-            **{transform.CODE_FINGERPRINT: code_fingerprint(MODULES_CODE)},
+            **{transform.CODE_FINGERPRINT: modules_fingerprint},
         ),
     )
     evaluator = tfx.components.Evaluator(

@@ -48,14 +48,13 @@ def parse_synthesis_config(text: str):
 
     labels None means every label that applies to each material.
     """
-    options = json.loads(text)
-    options.pop("code_fingerprint", None)  # only part of the cache key
-    materials = tuple(options.pop("materials"))
-    labels = options.pop("labels")
-    labels = tuple(labels) if labels is not None else None
-    split_tenths = tuple(options.pop("split_tenths"))
     # JSON has no tuples; SimulationConfig's ranges are tuples (and must stay hashable).
-    options = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+    options = {key: tuple(value) if isinstance(value, list) else value
+               for key, value in json.loads(text).items()}
+    options.pop("code_fingerprint", None)  # only part of the cache key
+    materials = options.pop("materials")
+    labels = options.pop("labels")
+    split_tenths = options.pop("split_tenths")
     return materials, labels, split_tenths, simulator.SimulationConfig(**options)
 
 
