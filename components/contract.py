@@ -26,6 +26,13 @@ DEFECT_CLASSES_KEY = "defect_classes"
 MASK_TRUE = "mask_true"
 DOSE = "dose"
 SOURCE = "source"
+# Added by the pseudo-labeller (components/pseudo_labels), from the image alone.
+DEVIATION = "deviation"
+DEVIATION_Z = "deviation_z"
+MASK_PSEUDO = "mask_pseudo"
+NOISE_SIGMA = "noise_sigma"
+PSEUDO_LABEL_STATUS = "pseudo_label_status"
+PSEUDO_LABEL_KEYS = (DEVIATION, DEVIATION_Z, MASK_PSEUDO, NOISE_SIGMA, PSEUDO_LABEL_STATUS)
 
 IMAGE_DTYPE = np.float32
 MASK_DTYPE = np.uint8
@@ -43,6 +50,13 @@ class Micrograph:
     defect_classes: Optional[np.ndarray] = None  # int64 multi-hot, len(DEFECT_CLASSES)
     mask_true: Optional[np.ndarray] = None  # uint8 (C, H, W), synthetic only
     dose: Optional[float] = None  # electrons per square angstrom, when known
+    # Pseudo-labels, once the pseudo-labeller has run:
+    deviation: Optional[np.ndarray] = None  # float32 (H, W): image minus its bulk lattice
+    # float32 (H, W): the deviation filtered to the column shape, in units of the local noise
+    deviation_z: Optional[np.ndarray] = None
+    mask_pseudo: Optional[np.ndarray] = None  # uint8 (C, H, W), channels as mask_true
+    noise_sigma: Optional[float] = None  # noise standard deviation of one pixel, image units
+    pseudo_label_status: Optional[str] = None  # "ok", or "no_lattice: <reason>"
 
 
 def _bytes(value: bytes) -> tf.train.Feature:
@@ -76,12 +90,16 @@ def _check(micrograph: Micrograph) -> None:
         raise ValueError(f"{micrograph.source}: image contains NaN or infinite pixels")
     if not micrograph.pixel_size_pm > 0:
         raise ValueError(f"{micrograph.source}: pixel size must be positive, got {micrograph.pixel_size_pm}")
-    if micrograph.mask_true is not None:
-        expected = (len(DEFECT_CLASSES),) + image.shape
-        if micrograph.mask_true.shape != expected:
+    expected = (len(DEFECT_CLASSES),) + image.shape
+    for name in (MASK_TRUE, MASK_PSEUDO):
+        mask = getattr(micrograph, name)
+        if mask is not None and mask.shape != expected:
+            raise ValueError(f"{micrograph.source}: {name}: mask shape {mask.shape}, expected {expected}")
+    for name in (DEVIATION, DEVIATION_Z):
+        deviation = getattr(micrograph, name)
+        if deviation is not None and deviation.shape != image.shape:
             raise ValueError(
-                f"{micrograph.source}: mask shape {micrograph.mask_true.shape}, expected {expected}"
-            )
+                f"{micrograph.source}: {name} shape {deviation.shape}, expected the image's {image.shape}")
     if micrograph.defect_classes is not None and len(micrograph.defect_classes) != len(DEFECT_CLASSES):
         raise ValueError(
             f"{micrograph.source}: defect_classes has {len(micrograph.defect_classes)} entries, "
@@ -109,6 +127,17 @@ def to_example(micrograph: Micrograph) -> tf.train.Example:
         features[MASK_TRUE] = _bytes(serialize_array(mask))
     if micrograph.dose is not None:
         features[DOSE] = _floats([micrograph.dose])
+    for name in (DEVIATION, DEVIATION_Z):
+        if getattr(micrograph, name) is not None:
+            deviation = np.ascontiguousarray(getattr(micrograph, name), dtype=IMAGE_DTYPE)
+            features[name] = _bytes(serialize_array(deviation))
+    if micrograph.mask_pseudo is not None:
+        mask = np.ascontiguousarray(micrograph.mask_pseudo, dtype=MASK_DTYPE)
+        features[MASK_PSEUDO] = _bytes(serialize_array(mask))
+    if micrograph.noise_sigma is not None:
+        features[NOISE_SIGMA] = _floats([micrograph.noise_sigma])
+    if micrograph.pseudo_label_status is not None:
+        features[PSEUDO_LABEL_STATUS] = _bytes(micrograph.pseudo_label_status.encode())
     return tf.train.Example(features=tf.train.Features(feature=features))
 
 
@@ -135,4 +164,15 @@ def from_example(example: tf.train.Example | bytes) -> Micrograph:
         ),
         mask_true=parse_array(first_bytes(MASK_TRUE), MASK_DTYPE) if MASK_TRUE in feature else None,
         dose=feature[DOSE].float_list.value[0] if DOSE in feature else None,
+        deviation=parse_array(first_bytes(DEVIATION), IMAGE_DTYPE) if DEVIATION in feature else None,
+        deviation_z=(
+            parse_array(first_bytes(DEVIATION_Z), IMAGE_DTYPE) if DEVIATION_Z in feature else None
+        ),
+        mask_pseudo=(
+            parse_array(first_bytes(MASK_PSEUDO), MASK_DTYPE) if MASK_PSEUDO in feature else None
+        ),
+        noise_sigma=feature[NOISE_SIGMA].float_list.value[0] if NOISE_SIGMA in feature else None,
+        pseudo_label_status=(
+            first_bytes(PSEUDO_LABEL_STATUS).decode() if PSEUDO_LABEL_STATUS in feature else None
+        ),
     )

@@ -22,6 +22,11 @@ BULK_LABEL = "bulk"
 
 IMAGE_CLASSES = (BULK_LABEL,) + DEFECT_CLASSES
 
+# Image classes whose label survives a rotation by 90 degrees or a mirror of the whole
+# image: a point defect or a dislocation core is one whatever the view. Planar defects are
+# left out: a class set may tell them apart by the orientation of the plane.
+ORIENTATION_FREE_LABELS = (BULK_LABEL, "vacancy", "substitution", "interstitial", "dislocation")
+
 # Image label of a segmentation image that shows more than one defect class; its mask and
 # multi-hot vector say which.
 MIXED_LABEL = "mixed"

@@ -16,6 +16,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 from kfp.pipeline_spec import pipeline_spec_pb2  # noqa: E402
 from tfx import v1 as tfx  # noqa: E402
+from tfx.dsl.components.base import base_component  # noqa: E402
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.graph import create_components  # noqa: E402
@@ -46,7 +47,8 @@ def compile_pipeline(config: PipelineConfig, output_path: str) -> str:
     """Write the PipelineJob JSON for `config` to `output_path` and return the path."""
     components = create_components(config)
     for component in components:
-        component.with_platform_config(_resources(config, component.id))
+        if isinstance(component, base_component.BaseComponent):  # a resolver runs no container
+            component.with_platform_config(_resources(config, component.id))
     pipeline = tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.kubeflow.pipeline_root,

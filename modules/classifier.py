@@ -1,10 +1,16 @@
 """Trainer module: the paper's MobileNet image classifier, fine-tuned in its last layers.
 
-`run_fn` builds MobileNetV2 (Keras 2), loads backbone weights from a local file when one is
-configured (nothing is ever downloaded), fine-tunes the last `fine_tune_layers` layers of a
-loaded backbone (all layers when training from scratch: frozen random filters learn
-nothing), and exports a model that takes serialized tf.Examples and returns class
-probabilities. Every run also writes its training curves as a PNG beside the model.
+`run_fn` builds MobileNetV2 (Keras 2) on the Transform's three channels and starts it from,
+in this order of preference:
+1. the backbone of a base model (TFX's `base_model`: the latest blessed model, fed by a
+   resolver, so retraining on new data continues from the last good model);
+2. a backbone weights file (`weights_path`: synthetic-pretrained weights written by
+   `modules/pretrain.py`, or `imagenet` for Keras' own file in its cache);
+3. random weights, training every layer (frozen random filters learn nothing).
+When it starts from weights it fine-tunes only the last `fine_tune_layers` layers. Nothing
+is ever downloaded. The exported model takes serialized tf.Examples and returns class
+probabilities; every run writes its training curves as a PNG beside the model, and the
+backbone's weights as a file the next warm start reads.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-from typing import Any, Dict, Optional  # noqa: E402
+from typing import Any, Dict, Optional, Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
@@ -23,12 +29,15 @@ import tf_keras as keras  # noqa: E402
 from tfx_bsl.public import tfxio  # noqa: E402
 
 from components import contract  # noqa: E402
+from components.defects import ORIENTATION_FREE_LABELS  # noqa: E402
 from modules import plots  # noqa: E402
 from modules.transform import (CODE_FINGERPRINT, DEFAULT_INPUT_SIZE, IMAGE_XF,  # noqa: E402
                                LABEL_VOCABULARY, LABEL_XF)
 
 PROBABILITIES = "probabilities"
 PREDICTED_LABEL = "label"
+BACKBONE_WEIGHTS = "backbone_weights.h5"  # beside the exported model: a warm start's input
+IMAGENET = "imagenet"
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 
 
@@ -44,7 +53,10 @@ class TrainingConfig:
     input_size: int = DEFAULT_INPUT_SIZE
     batch_norm_momentum: float = 0.9
     pooling: str = "max"
-    weights_path: Optional[str] = None  # a MobileNetV2 no-top .h5 file, or None: from scratch
+    # A MobileNetV2 no-top .h5 file, `imagenet` (Keras' cached file), or None: from scratch.
+    weights_path: Optional[str] = None
+    # Labels rotated and mirrored at random in training (none of the others ever are).
+    augment_labels: Sequence[str] = ORIENTATION_FREE_LABELS
 
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Dict[str, Any]]) -> "TrainingConfig":
@@ -54,13 +66,39 @@ class TrainingConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown classifier options {unknown}; known: {sorted(known)}")
+        if "augment_labels" in options:
+            options["augment_labels"] = tuple(options["augment_labels"])
         return cls(**options)
 
 
-def build_model(num_classes: int, config: TrainingConfig) -> keras.Model:
+def imagenet_weights_file(config: TrainingConfig) -> str:
+    name = (f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{config.alpha}_"
+            f"{config.input_size}_no_top.h5")
+    return os.path.join(os.path.expanduser("~"), ".keras", "models", name)
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    return next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
+
+
+def _weights_file(config: TrainingConfig) -> str:
+    """The configured weights file, or a FileNotFoundError that says what to put where."""
+    path = imagenet_weights_file(config) if config.weights_path == IMAGENET else config.weights_path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"classifier weights file {path} does not exist. Put a MobileNetV2 no-top weights "
+            f"file for alpha={config.alpha} and input {config.input_size} there (synthetic-"
+            f"pretrained: python -m modules.pretrain --output {path}; ImageNet: "
+            f"{os.path.basename(imagenet_weights_file(config))} from {WEIGHTS_URL}), "
+            f"or leave weights_path empty to train from scratch.")
+    return path
+
+
+def build_model(num_classes: int, config: TrainingConfig,
+                start_weights: Optional[str] = None) -> keras.Model:
+    """MobileNetV2 + softmax head; `start_weights` (a backbone .h5) overrides weights_path."""
     size = config.input_size
-    image = keras.Input((size, size, 1), name=IMAGE_XF)
-    rgb = keras.layers.Concatenate(name="grey_to_rgb")([image, image, image])
+    inputs = keras.Input((size, size, 3), name=IMAGE_XF)
     backbone = keras.applications.MobileNetV2(
         input_shape=(size, size, 3), alpha=config.alpha, include_top=False, weights=None,
         pooling=config.pooling)
@@ -70,19 +108,14 @@ def build_model(num_classes: int, config: TrainingConfig) -> keras.Model:
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = config.batch_norm_momentum
-    if config.weights_path:
-        if not os.path.isfile(config.weights_path):
-            raise FileNotFoundError(
-                f"classifier weights file {config.weights_path} does not exist. Provide a "
-                f"MobileNetV2 no-top weights file for alpha={config.alpha} (for example "
-                f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{config.alpha}_{size}_no_top.h5 "
-                f"from {WEIGHTS_URL}), or leave weights_path empty to train from scratch.")
-        backbone.load_weights(config.weights_path)
+    start_weights = start_weights or (_weights_file(config) if config.weights_path else None)
+    if start_weights:
+        backbone.load_weights(start_weights)
         for layer in backbone.layers[:-config.fine_tune_layers]:
             layer.trainable = False
-    features = keras.layers.Dropout(0.2)(backbone(rgb))
+    features = keras.layers.Dropout(0.2)(backbone(inputs))
     probabilities = keras.layers.Dense(num_classes, activation="softmax", name=PROBABILITIES)(features)
-    model = keras.Model(image, probabilities)
+    model = keras.Model(inputs, probabilities)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -91,13 +124,35 @@ def build_model(num_classes: int, config: TrainingConfig) -> keras.Model:
     return model
 
 
-def _dataset(file_pattern, data_accessor, transform_output, batch_size: int, shuffle: bool):
-    return data_accessor.tf_dataset_factory(
+def orientation_augmenter(augmented_ids: Sequence[int]):
+    """(image, label) -> (image, label): a random element of the square's symmetry group
+    (4 rotations x mirror) for the labels listed, the image unchanged for every other."""
+    allowed = tf.constant(list(augmented_ids) or [-1], tf.int64)
+
+    def augment(image, label):
+        turned = tf.image.rot90(image, tf.random.uniform([], 0, 4, tf.int32))
+        turned = tf.image.random_flip_left_right(turned)
+        applies = tf.reduce_any(tf.equal(tf.cast(label, tf.int64), allowed))
+        return tf.where(applies, turned, image), label
+
+    return augment
+
+
+def _dataset(file_pattern, data_accessor, transform_output, batch_size: int,
+             augmented_ids: Optional[Sequence[int]] = None):
+    """Batches of (image, label); shuffled and orientation-augmented when training."""
+    training = augmented_ids is not None
+    dataset = data_accessor.tf_dataset_factory(
         file_pattern,
         tfxio.TensorFlowDatasetOptions(
-            batch_size=batch_size, label_key=LABEL_XF, num_epochs=1, shuffle=shuffle),
+            batch_size=batch_size, label_key=LABEL_XF, num_epochs=1, shuffle=training),
         transform_output.transformed_metadata.schema,
-    )
+    ).map(lambda features, label: (features[IMAGE_XF], tf.reshape(label, [-1])))
+    if training:
+        dataset = (dataset.unbatch()
+                   .map(orientation_augmenter(augmented_ids), num_parallel_calls=tf.data.AUTOTUNE)
+                   .batch(batch_size))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _signatures(model: keras.Model, transform_output: tft.TFTransformOutput) -> Dict[str, Any]:
@@ -121,22 +176,38 @@ def _signatures(model: keras.Model, transform_output: tft.TFTransformOutput) -> 
     return {"serving_default": serve, "transform_features": transform_features}
 
 
+def warm_start_weights(base_model: Optional[str]) -> Optional[str]:
+    """The backbone weights a base model (an earlier run's export) left beside itself."""
+    if not base_model:
+        return None
+    path = os.path.join(base_model, BACKBONE_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"base model {base_model} has no {BACKBONE_WEIGHTS} to start from")
+    return path
+
+
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point."""
     config = TrainingConfig.from_custom_config(fn_args.custom_config)
     transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    train = _dataset(fn_args.train_files, fn_args.data_accessor, transform_output, config.batch_size, True)
+    vocabulary = transform_output.vocabulary_by_name(LABEL_VOCABULARY)
+    vocabulary = [v.decode() if isinstance(v, bytes) else v for v in vocabulary]
+    augmented_ids = [i for i, label in enumerate(vocabulary) if label in config.augment_labels]
+    train = _dataset(fn_args.train_files, fn_args.data_accessor, transform_output,
+                     config.batch_size, augmented_ids)
     validation = _dataset(fn_args.eval_files, fn_args.data_accessor, transform_output,
-                          config.batch_size, False)
-    num_classes = transform_output.vocabulary_size_by_name(LABEL_VOCABULARY)
+                          config.batch_size)
 
-    model = build_model(num_classes, config)
+    start = warm_start_weights(getattr(fn_args, "base_model", None))
+    model = build_model(len(vocabulary), config, start_weights=start)
     history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=2)
 
     model.save(fn_args.serving_model_dir, save_format="tf",
                signatures=_signatures(model, transform_output))
+    backbone_of(model).save_weights(os.path.join(fn_args.serving_model_dir, BACKBONE_WEIGHTS))
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
+    record = dict(history.history, started_from=[start or config.weights_path or "scratch"])
     with open(os.path.join(fn_args.model_run_dir, "history.json"), "w") as handle:
-        json.dump(history.history, handle, indent=1)
+        json.dump(record, handle, indent=1)
     plots.training_curves(history.history, os.path.join(fn_args.model_run_dir, "training_curves.png"),
-                          title=f"MobileNetV2 classifier ({num_classes} classes)")
+                          title=f"MobileNetV2 classifier ({len(vocabulary)} classes)")

@@ -1,10 +1,17 @@
-"""Transform module: decode, normalise and size micrographs; the label vocabulary from data.
+"""Transform module: the classifier's input channels, sized; the label vocabulary from data.
 
 Images of any size arrive as serialized float32 tensors. Each is cut to its central square
 and resized by the same factor in both axes, so the lattice keeps its angles and the ratio
-of its spacings (a stretch would turn SrTiO3's square cell into a rectangle). Intensities
-are standardised per image: dose and detector gain differ from image to image and carry no
-information about the defect class.
+of its spacings (a stretch would turn SrTiO3's square cell into a rectangle).
+
+The backbone's three input channels are drawn from two maps of the same micrograph:
+- `image`: the intensities, standardised per image (dose and detector gain differ from image
+  to image and carry no information about the defect class);
+- `deviation_z`: the pseudo-labeller's deviation from the bulk lattice in units of the
+  image's own noise (components/pseudo_labels), clipped at +-`DEVIATION_CLIP` sigma and
+  scaled to about unit range. A defect is one column among hundreds; in the raw image it is
+  a needle a small network must learn to find, in the deviation map it is the brightest or
+  darkest spot, so the same network learns from far fewer images.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from typing import Any, Dict, Optional  # noqa: E402
+from typing import Any, Dict, Optional, Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
@@ -24,6 +31,11 @@ IMAGE_XF = "image_xf"
 LABEL_XF = "label_xf"
 LABEL_VOCABULARY = "label"
 DEFAULT_INPUT_SIZE = 128
+# Sources of the backbone's three channels, and the default choice.
+CHANNEL_SOURCES = {"image": contract.IMAGE, "deviation_z": contract.DEVIATION_Z}
+DEFAULT_CHANNELS = ("deviation_z", "deviation_z", "deviation_z")
+DEVIATION_CLIP = 15.0  # noise sigmas; beyond this a defect is a defect
+DEVIATION_SCALE = 5.0
 # custom_config key whose value changes with the module code, so that TFX's cache (which
 # does not see code named by a dotted path) re-runs Transform and Trainer after an edit.
 CODE_FINGERPRINT = "code_fingerprint"
@@ -31,6 +43,14 @@ CODE_FINGERPRINT = "code_fingerprint"
 
 def input_size(custom_config: Optional[Dict[str, Any]]) -> int:
     return int((custom_config or {}).get("input_size", DEFAULT_INPUT_SIZE))
+
+
+def input_channels(custom_config: Optional[Dict[str, Any]]) -> tuple:
+    channels = tuple((custom_config or {}).get("input_channels", DEFAULT_CHANNELS))
+    unknown = sorted(set(channels) - set(CHANNEL_SOURCES))
+    if len(channels) != 3 or unknown:
+        raise ValueError(f"input_channels must be three of {sorted(CHANNEL_SOURCES)}, got {channels}")
+    return channels
 
 
 def square_and_resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -49,17 +69,34 @@ def standardise(image: tf.Tensor) -> tf.Tensor:
     return (image - mean) / tf.sqrt(variance + 1e-6)
 
 
-def decode_images(serialized: tf.Tensor, size: int) -> tf.Tensor:
-    """[batch, 1] serialized tensors -> [batch, size, size, 1] standardised float32."""
+def scale_deviation(deviation_z: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(deviation_z, -DEVIATION_CLIP, DEVIATION_CLIP) / DEVIATION_SCALE
 
-    def decode(one: tf.Tensor) -> tf.Tensor:
-        image = tf.io.parse_tensor(one, out_type=tf.float32)
-        return standardise(square_and_resize(image, size))
+
+def model_input(maps: Dict[str, tf.Tensor], size: int, channels: Sequence[str]) -> tf.Tensor:
+    """{source: (H, W) map} of one micrograph -> (size, size, 3) backbone input."""
+    prepared = {}
+    if "image" in channels:
+        prepared["image"] = standardise(square_and_resize(maps["image"], size))
+    if "deviation_z" in channels:
+        prepared["deviation_z"] = scale_deviation(square_and_resize(maps["deviation_z"], size))
+    return tf.concat([prepared[name] for name in channels], axis=-1)
+
+
+def decode_inputs(features: Dict[str, tf.Tensor], size: int, channels: Sequence[str]) -> tf.Tensor:
+    """{feature: [batch, 1] serialized tensors} -> [batch, size, size, 3] float32."""
+    sources = sorted({CHANNEL_SOURCES[name] for name in channels})
+    names = {CHANNEL_SOURCES[name]: name for name in channels}
+
+    def decode(serialized):
+        maps = {names[key]: tf.io.parse_tensor(one, out_type=tf.float32)
+                for key, one in zip(sources, serialized)}
+        return model_input(maps, size, channels)
 
     return tf.map_fn(
         decode,
-        tf.reshape(serialized, [-1]),
-        fn_output_signature=tf.TensorSpec([size, size, 1], tf.float32),
+        tuple(tf.reshape(features[key], [-1]) for key in sources),
+        fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
     )
 
 
@@ -67,6 +104,6 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor], custom_config: Optional[Dict[
     """TFX Transform entry point."""
     labels = tf.reshape(inputs[contract.LABEL], [-1])
     return {
-        IMAGE_XF: decode_images(inputs[contract.IMAGE], input_size(custom_config)),
+        IMAGE_XF: decode_inputs(inputs, input_size(custom_config), input_channels(custom_config)),
         LABEL_XF: tft.compute_and_apply_vocabulary(labels, vocab_filename=LABEL_VOCABULARY),
     }

@@ -10,11 +10,15 @@ import dataclasses
 import os
 from typing import Dict, Optional, Tuple
 
-from components.defects import BULK_LABEL
+from components.defects import BULK_LABEL, IMAGE_CLASSES, ORIENTATION_FREE_LABELS
 from components.materials import MATERIALS
+from modules.classifier import IMAGENET
+from modules.transform import CHANNEL_SOURCES, DEFAULT_CHANNELS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT_DIR = os.path.join(PROJECT_ROOT, "output")
+# Backbone pretrained on 10,000 synthetic images by modules/pretrain.py (how: the JSON beside it).
+SYNTHETIC_BACKBONE = os.path.join(PROJECT_ROOT, "modules", "weights", "mobilenetv2_0.35_128_synthetic.h5")
 SCHEMA_DIR = os.path.join(PROJECT_ROOT, "schema")
 
 
@@ -51,16 +55,29 @@ class PipelineConfig:
     # train:eval:test in tenths; the paper's 70:20:10.
     split_tenths: Tuple[int, int, int] = (7, 2, 1)
 
+    # Pseudo-labeller (components/pseudo_labels): PseudoLabelConfig fields to override.
+    pseudo_labels: Dict[str, float] = dataclasses.field(default_factory=dict)
+
     # Classifier (modules/classifier.py): the paper's batch 32, 25 epochs, last 40 layers.
     input_size: int = 128
+    # The backbone's three input channels, each "image" or "deviation_z" (modules/transform.py).
+    input_channels: Tuple[str, str, str] = DEFAULT_CHANNELS
+    # Labels whose images may be rotated and mirrored in training.
+    augment_labels: Tuple[str, ...] = ORIENTATION_FREE_LABELS
     epochs: int = 25
     batch_size: int = 32
     fine_tune_layers: int = 40
     learning_rate: float = 1e-3
-    # A local MobileNetV2 no-top weights file; None trains from scratch (nothing is downloaded).
-    weights_path: Optional[str] = None
+    # A MobileNetV2 no-top weights file (the last fine_tune_layers are then trained),
+    # "imagenet" (Keras' cached file), or None: from scratch. Nothing is ever downloaded.
+    weights_path: Optional[str] = SYNTHETIC_BACKBONE
 
-    # Evaluator gate: test-split accuracy every material must reach before the Pusher ships.
+    # Continue training from the latest blessed model (TFX base_model) instead of weights_path.
+    warm_start: bool = False
+
+    # Evaluator gate: test-split accuracy every material must reach before the Pusher ships,
+    # and how far below the last blessed model's accuracy (overall, per material) it may be.
+    max_accuracy_drop: float = 0.0
     min_accuracy: Dict[str, float] = dataclasses.field(
         default_factory=lambda: {"SrTiO3": 0.6, "CdTe": 0.6})
 
@@ -82,11 +99,24 @@ class PipelineConfig:
                 f"num_images={self.num_images} is fewer than one image per material and label {pairs}")
         if sum(self.split_tenths) != 10 or min(self.split_tenths) < 1:
             raise ValueError(f"split_tenths must be three positive parts of 10, got {self.split_tenths}")
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(f"max_accuracy_drop must lie in [0, 1], got {self.max_accuracy_drop}")
         missing = sorted(set(self.materials) - set(self.min_accuracy))
         if missing:
             raise ValueError(f"min_accuracy has no threshold for materials {missing}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32 pixels (MobileNetV2), got {self.input_size}")
+        if len(self.input_channels) != 3 or not set(self.input_channels) <= set(CHANNEL_SOURCES):
+            raise ValueError(
+                f"input_channels must be three of {sorted(CHANNEL_SOURCES)}, got {self.input_channels}")
+        unknown = sorted(set(self.augment_labels) - set(IMAGE_CLASSES))
+        if unknown:
+            raise ValueError(f"augment_labels has unknown labels {unknown}; known: {IMAGE_CLASSES}")
+        if self.weights_path not in (None, IMAGENET) and not os.path.isfile(self.weights_path):
+            raise ValueError(
+                f"weights_path {self.weights_path} does not exist: make it with "
+                f"`python -m modules.pretrain --output {self.weights_path}`, or set weights_path "
+                f"to None to train from scratch")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
 
@@ -126,6 +156,7 @@ PROFILES: Dict[str, Dict] = {
         num_images=60,  # five per (material, label) pair: 3 train, 1 eval, 1 test
         image_size=96,
         input_size=64,
+        weights_path=None,  # the shipped backbone is for 128 px inputs
         epochs=1,
         min_accuracy={"SrTiO3": 0.0, "CdTe": 0.0},
         beam_pipeline_args=("--direct_num_workers=1", "--direct_running_mode=in_memory"),

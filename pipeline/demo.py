@@ -56,6 +56,9 @@ def summarise(config: PipelineConfig) -> None:
 
     print("\nDone. Where to look:")
     print(f"  examples      {examples_uri}")
+    print(f"  pseudo-labels {outputs['PseudoLabeler.report'].uri}")
+    for line in reports.pseudo_label_summary(outputs["PseudoLabeler.report"].uri):
+        print(f"                  {line}")
     print(f"  statistics    {outputs['StatisticsGen.statistics'].uri}")
     print(f"  schema        {outputs['ImportSchemaGen.schema'].uri}")
     print(f"  anomalies     {outputs['ExampleValidator.anomalies'].uri}")

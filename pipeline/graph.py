@@ -12,6 +12,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 
 from components import contract
+from components.pseudo_labels.component import PseudoLabeler
 from components.synthesis.component import SyntheticStemGen
 from modules import classifier, transform
 from pipeline.config import SCHEMA_DIR, PipelineConfig
@@ -21,6 +22,8 @@ _COMPONENTS = pathlib.Path(contract.__file__).parent
 # The code each custom step runs, beyond its parameters: simulator and its data, module files.
 SYNTHESIS_CODE = (_COMPONENTS / "synthesis", _COMPONENTS / "materials.py",
                   _COMPONENTS / "defects.py", _COMPONENTS / "contract.py")
+PSEUDO_LABEL_CODE = (_COMPONENTS / "pseudo_labels", _COMPONENTS / "contract.py",
+                     _COMPONENTS / "defects.py")
 MODULES_CODE = (pathlib.Path(transform.__file__).parent, _COMPONENTS / "contract.py",
                 _COMPONENTS / "defects.py")
 
@@ -50,6 +53,11 @@ def synthesis_config_json(config: PipelineConfig) -> str:
     }, sort_keys=True)
 
 
+def pseudo_label_config_json(config: PipelineConfig) -> str:
+    return json.dumps(dict(config.pseudo_labels, code_fingerprint=code_fingerprint(PSEUDO_LABEL_CODE)),
+                      sort_keys=True)
+
+
 def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
     """Accuracy overall and per material; the blessing needs every material's threshold."""
     per_material = [
@@ -60,6 +68,10 @@ def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
         )
         for material, bound in sorted(config.min_accuracy.items()) if material in config.materials
     ]
+    # Not worse than the last blessed model (ignored while there is none), overall and per slice.
+    not_worse = tfma.MetricThreshold(change_threshold=tfma.GenericChangeThreshold(
+        direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+        absolute={"value": -config.max_accuracy_drop}))
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
             signature_name="serving_default",
@@ -70,7 +82,7 @@ def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
         slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[contract.MATERIAL])],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="SparseCategoricalAccuracy",
-                              per_slice_thresholds=per_material),
+                              threshold=not_worse, per_slice_thresholds=per_material),
             tfma.MetricConfig(class_name="ExampleCount"),
         ])],
     )
@@ -82,7 +94,13 @@ def create_components(config: PipelineConfig) -> List:
         seed=config.seed,
         synthesis_config=synthesis_config_json(config),
     )
-    statistics_gen = tfx.components.StatisticsGen(examples=examples_gen.outputs["examples"])
+    pseudo_labeler = PseudoLabeler(
+        examples=examples_gen.outputs["examples"],
+        pseudo_label_config=pseudo_label_config_json(config),
+    )
+    # Everything downstream reads the examples with their pseudo-labels and deviation maps.
+    examples = pseudo_labeler.outputs["pseudo_labelled_examples"]
+    statistics_gen = tfx.components.StatisticsGen(examples=examples)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=f"{SCHEMA_DIR}/schema.pbtxt")
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"],
@@ -90,17 +108,26 @@ def create_components(config: PipelineConfig) -> List:
     )
     modules_fingerprint = code_fingerprint(MODULES_CODE)
     transform_component = tfx.components.Transform(
-        examples=examples_gen.outputs["examples"],
+        examples=examples,
         schema=schema_gen.outputs["schema"],
         preprocessing_fn="modules.transform.preprocessing_fn",
         custom_config={"input_size": config.input_size,
+                       "input_channels": list(config.input_channels),
                        transform.CODE_FINGERPRINT: modules_fingerprint},
     )
+    # The newest model an Evaluator blessed: the baseline a new model must not fall below,
+    # and, with warm_start, the model a new training continues from.
+    latest_blessed = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model")
     trainer = tfx.components.Trainer(
         run_fn="modules.classifier.run_fn",
         examples=transform_component.outputs["transformed_examples"],
         transform_graph=transform_component.outputs["transform_graph"],
         schema=schema_gen.outputs["schema"],
+        base_model=latest_blessed.outputs["model"] if config.warm_start else None,
         custom_config=dict(
             epochs=config.epochs,
             batch_size=config.batch_size,
@@ -108,12 +135,14 @@ def create_components(config: PipelineConfig) -> List:
             learning_rate=config.learning_rate,
             input_size=config.input_size,
             weights_path=config.weights_path,
+            augment_labels=list(config.augment_labels),
             **{transform.CODE_FINGERPRINT: modules_fingerprint},
         ),
     )
     evaluator = tfx.components.Evaluator(
-        examples=examples_gen.outputs["examples"],
+        examples=examples,
         model=trainer.outputs["model"],
+        baseline_model=latest_blessed.outputs["model"],
         example_splits=["test"],
         eval_config=classifier_eval_config(config),
     )
@@ -123,8 +152,8 @@ def create_components(config: PipelineConfig) -> List:
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_model_dir)),
     )
-    return [examples_gen, statistics_gen, schema_gen, example_validator,
-            transform_component, trainer, evaluator, pusher]
+    return [examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator,
+            transform_component, latest_blessed, trainer, evaluator, pusher]
 
 
 def create_pipeline(config: PipelineConfig,

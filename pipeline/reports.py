@@ -120,6 +120,24 @@ def anomalies_summary(anomalies_uri: str) -> List[str]:
     return lines
 
 
+def pseudo_label_summary(report_uri: str) -> List[str]:
+    """Examples with a lattice found, then the pseudo-masks' pixel scores against ground truth."""
+    import json
+
+    from components.pseudo_labels.executor import REPORT_FILE
+
+    with open(os.path.join(report_uri, REPORT_FILE)) as handle:
+        overall = json.load(handle)["overall"]
+    lines = [f"{overall['ok']} of {overall['examples']} images had a lattice to compare with"]
+    if overall["ground_truth"] == "absent":
+        return lines + ["no ground truth: pseudo-labels not scored"]
+    for name, scores in overall["per_class"].items():
+        if scores["iou"] is not None:
+            lines.append(f"{name}: IoU {scores['iou']:.2f}, precision {scores['precision'] or 0:.2f}, "
+                         f"recall {scores['recall'] or 0:.2f} against the simulator's masks")
+    return lines
+
+
 def accuracy_summary(evaluation_uri: str) -> List[str]:
     """Test accuracy per slice, then the gate's verdict with the failing slices."""
     import tensorflow_model_analysis as tfma
@@ -137,7 +155,12 @@ def accuracy_summary(evaluation_uri: str) -> List[str]:
         slice_name = ", ".join(f"{c.column}={c.bytes_value.decode()}"
                                for c in failure.slice_key.single_slice_keys) or "overall"
         for metric in failure.failures:
-            bound = metric.metric_threshold.value_threshold.lower_bound.value
-            lines.append(f"gate: FAILED on {slice_name}: {metric.metric_key.name} "
-                         f"{metric.metric_value.double_value.value:.3f} < {bound}")
+            value = metric.metric_value.double_value.value
+            if metric.metric_key.HasField("is_diff") and metric.metric_key.is_diff:
+                allowed = metric.metric_threshold.change_threshold.absolute.value
+                lines.append(f"gate: FAILED on {slice_name}: {metric.metric_key.name} changed by "
+                             f"{value:+.3f} against the last blessed model (allowed {allowed:+.3f})")
+            else:
+                bound = metric.metric_threshold.value_threshold.lower_bound.value
+                lines.append(f"gate: FAILED on {slice_name}: {metric.metric_key.name} {value:.3f} < {bound}")
     return lines

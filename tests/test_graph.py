@@ -23,5 +23,7 @@ def test_pipeline_parameters_carry_the_fingerprints():
     components = {c.id: c for c in graph.create_components(load_config("test"))}
     assert graph.code_fingerprint(graph.SYNTHESIS_CODE) in \
         components["SyntheticStemGen"].exec_properties["synthesis_config"]
+    assert graph.code_fingerprint(graph.PSEUDO_LABEL_CODE) in \
+        components["PseudoLabeler"].exec_properties["pseudo_label_config"]
     trainer_config = components["Trainer"].exec_properties["custom_config"]
     assert graph.code_fingerprint(graph.MODULES_CODE) in str(trainer_config)

@@ -17,8 +17,10 @@ def test_compiled_spec_has_the_graph_image_and_gpu_requests(tmp_path):
     spec = json_format.ParseDict(job["pipelineSpec"], pipeline_spec_pb2.PipelineSpec(),
                                  ignore_unknown_fields=True)
     tasks = set(spec.root.dag.tasks)
-    assert tasks == {"SyntheticStemGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
-                     "Transform", "Trainer", "Evaluator", "Pusher"}
+    assert tasks == {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
+                     "ExampleValidator", "Transform", "Trainer", "Evaluator", "Pusher",
+                     "latest_blessed_model-model-resolver",
+                     "latest_blessed_model-model-blessing-resolver"}
     assert set(spec.root.dag.tasks["Trainer"].dependent_tasks) == {"Transform", "ImportSchemaGen"}
 
     executors = job["pipelineSpec"]["deploymentSpec"]["executors"]

@@ -41,8 +41,23 @@ def test_standardise_removes_dose_and_gain():
     np.testing.assert_allclose(brighter, out, atol=1e-4)
 
 
-def test_decode_images_takes_a_batch_of_serialized_tensors():
-    images = [np.random.default_rng(i).normal(size=(40, 50)).astype(np.float32) for i in range(3)]
-    serialized = tf.constant([[tf.io.serialize_tensor(im).numpy()] for im in images])
-    out = transform.decode_images(serialized, 32).numpy()
-    assert out.shape == (3, 32, 32, 1)
+def test_decode_inputs_stacks_the_configured_channels():
+    rng = np.random.default_rng(0)
+    images = [rng.normal(5.0, 2.0, size=(40, 50)).astype(np.float32) for _ in range(3)]
+    deviations = [np.full((40, 50), 30.0, np.float32) for _ in range(3)]  # beyond the clip
+    features = {
+        "image": tf.constant([[tf.io.serialize_tensor(im).numpy()] for im in images]),
+        "deviation_z": tf.constant([[tf.io.serialize_tensor(d).numpy()] for d in deviations]),
+    }
+    out = transform.decode_inputs(features, 32, ("image", "deviation_z", "image")).numpy()
+    assert out.shape == (3, 32, 32, 3)
+    assert out[..., 0].mean() == pytest.approx(0.0, abs=1e-4)  # standardised intensities
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    expected = transform.DEVIATION_CLIP / transform.DEVIATION_SCALE
+    np.testing.assert_allclose(out[..., 1], expected, rtol=1e-5)
+
+
+def test_unknown_channel_source_is_refused():
+    with pytest.raises(ValueError, match="input_channels"):
+        transform.input_channels({"input_channels": ["image", "phase", "image"]})
+    assert transform.input_channels(None) == transform.DEFAULT_CHANNELS

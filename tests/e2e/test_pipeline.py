@@ -1,6 +1,7 @@
 """The whole graph on sixty small images with LocalDagRunner, checked in ML Metadata."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -13,10 +14,11 @@ from components.defects import IMAGE_CLASSES
 from pipeline import reports
 from pipeline.config import load_config
 from pipeline.graph import create_pipeline
-from tests.e2e.mlmd import Execution, executions_by_component, outputs_of_run
+from tests.e2e.mlmd import Execution, executions_by_component, inputs_of_component, outputs_of_run
 
-COMPONENTS = {"SyntheticStemGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
-              "Transform", "Trainer", "Evaluator", "Pusher"}
+COMPONENTS = {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
+              "ExampleValidator", "Transform", "latest_blessed_model", "Trainer", "Evaluator",
+              "Pusher"}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,10 @@ def test_every_component_executed(runs):
 def test_second_run_is_served_from_cache(runs):
     states = executions_by_component(runs.metadata_path, run_index=1)
     assert set(states) == COMPONENTS
-    # ImportSchemaGen is an importer-like node: it re-registers its file each run.
+    # ImportSchemaGen and the resolver re-resolve their inputs each run, and the Evaluator
+    # (with the Pusher after it) takes the resolver's output, so those run again.
     cached = {name for name, state in states.items() if state == Execution.CACHED}
-    assert cached >= COMPONENTS - {"ImportSchemaGen"}, states
+    assert cached >= COMPONENTS - {"ImportSchemaGen", "latest_blessed_model", "Evaluator", "Pusher"}, states
 
 
 def test_artifacts_exist_with_all_splits(runs):
@@ -54,6 +57,11 @@ def test_artifacts_exist_with_all_splits(runs):
     pairs = sum(len(labels) for labels in runs.material_labels().values())
     assert runs.num_images == 5 * pairs
     assert counts == {"train": 3 * pairs, "eval": pairs, "test": pairs}
+    labelled = artifacts["PseudoLabeler.pseudo_labelled_examples"].uri
+    for split, count in counts.items():
+        micrographs = list(reports.read_split(labelled, split))
+        assert len(micrographs) == count
+        assert all(m.deviation_z.shape == m.image.shape for m in micrographs)
     for output in ("StatisticsGen.statistics", "ImportSchemaGen.schema", "ExampleValidator.anomalies"):
         assert os.listdir(artifacts[output].uri), output
 
@@ -81,7 +89,7 @@ def test_blessed_model_is_pushed_and_predicts_from_serialized_examples(runs):
     assert pushed.startswith(runs.serving_model_dir)
 
     serialized = [contract.to_example(m).SerializeToString()
-                  for m in list(reports.read_split(artifacts["SyntheticStemGen.examples"].uri, "test"))[:4]]
+                  for m in list(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri, "test"))[:4]]
     predict = tf.saved_model.load(pushed).signatures["serving_default"]
     outputs = predict(examples=tf.constant(serialized))
     probabilities = outputs["probabilities"].numpy()
@@ -110,3 +118,15 @@ def test_unreachable_threshold_pushes_nothing(runs):
     summary = reports.accuracy_summary(artifacts["Evaluator.evaluation"].uri)
     for material in runs.materials:
         assert any(line.startswith(f"gate: FAILED on material={material}: ") for line in summary), summary
+
+
+def test_warm_start_continues_from_the_latest_blessed_model(runs):
+    blessed_model = outputs_of_run(runs.metadata_path, run_index=0)["Trainer.model"]
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(runs.replace(warm_start=True)))
+    assert executions_by_component(runs.metadata_path)["Trainer"] == Execution.COMPLETE
+    assert inputs_of_component(runs.metadata_path, "Trainer")["base_model"] == [blessed_model.id]
+    assert inputs_of_component(runs.metadata_path, "Evaluator")["baseline_model"] == [blessed_model.id]
+    history = os.path.join(outputs_of_run(runs.metadata_path, run_index=-1)["Trainer.model_run"].uri,
+                           "history.json")
+    with open(history) as handle:
+        assert blessed_model.uri in json.load(handle)["started_from"][0]
