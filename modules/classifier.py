@@ -31,8 +31,9 @@ from tfx_bsl.public import tfxio  # noqa: E402
 from components import contract  # noqa: E402
 from components.defects import ORIENTATION_FREE_LABELS  # noqa: E402
 from modules import plots  # noqa: E402
-from modules.transform import (CODE_FINGERPRINT, DEFAULT_INPUT_SIZE, IMAGE_XF,  # noqa: E402
-                               LABEL_VOCABULARY, LABEL_XF)
+from modules.transform import (CODE_FINGERPRINT, DEFAULT_CHANNELS,  # noqa: E402
+                               DEFAULT_INPUT_SIZE, IMAGE_XF, LABEL_VOCABULARY, LABEL_XF,
+                               model_input)
 
 PROBABILITIES = "probabilities"
 PREDICTED_LABEL = "label"
@@ -51,6 +52,7 @@ class TrainingConfig:
     learning_rate: float = 1e-3
     alpha: float = 0.35  # MobileNetV2 width multiplier
     input_size: int = DEFAULT_INPUT_SIZE
+    input_channels: Sequence[str] = DEFAULT_CHANNELS  # as Transform made them
     batch_norm_momentum: float = 0.9
     pooling: str = "max"
     # A MobileNetV2 no-top .h5 file, `imagenet` (Keras' cached file), or None: from scratch.
@@ -66,8 +68,9 @@ class TrainingConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown classifier options {unknown}; known: {sorted(known)}")
-        if "augment_labels" in options:
-            options["augment_labels"] = tuple(options["augment_labels"])
+        for name in ("augment_labels", "input_channels"):
+            if name in options:
+                options[name] = tuple(options[name])
         return cls(**options)
 
 
@@ -155,25 +158,41 @@ def _dataset(file_pattern, data_accessor, transform_output, batch_size: int,
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _signatures(model: keras.Model, transform_output: tft.TFTransformOutput) -> Dict[str, Any]:
-    """serving_default: examples -> probabilities and label; transform_features for TFMA."""
+def _signatures(model: keras.Model, transform_output: tft.TFTransformOutput,
+                config: TrainingConfig) -> Dict[str, Any]:
+    """serving_default: examples -> probabilities and label; serving_maps: the same from the
+    maps themselves (one [N, H, W] float32 tensor per channel source, named after it);
+    transform_features for TFMA."""
     model.tft_layer = transform_output.transform_features_layer()
     vocabulary = tf.constant(transform_output.vocabulary_by_name(LABEL_VOCABULARY))
     raw_spec = transform_output.raw_feature_spec()
     serving_spec = {k: v for k, v in raw_spec.items() if k != contract.LABEL}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-    def serve(serialized):
-        transformed = model.tft_layer(tf.io.parse_example(serialized, serving_spec))
-        probabilities = model(transformed[IMAGE_XF])
+    def answer(inputs):
+        probabilities = model(inputs)
         return {PROBABILITIES: probabilities,
                 PREDICTED_LABEL: tf.gather(vocabulary, tf.argmax(probabilities, axis=-1))}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve(serialized):
+        return answer(model.tft_layer(tf.io.parse_example(serialized, serving_spec))[IMAGE_XF])
+
+    sources = sorted(set(config.input_channels))
+    size = config.input_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name=source)
+                                  for source in sources])
+    def serve_maps(*maps):
+        return answer(tf.map_fn(
+            lambda one: model_input(dict(zip(sources, one)), size, config.input_channels),
+            maps, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def transform_features(serialized):
         return model.tft_layer(tf.io.parse_example(serialized, raw_spec))
 
-    return {"serving_default": serve, "transform_features": transform_features}
+    return {"serving_default": serve, "serving_maps": serve_maps,
+            "transform_features": transform_features}
 
 
 def warm_start_weights(base_model: Optional[str]) -> Optional[str]:
@@ -203,7 +222,7 @@ def run_fn(fn_args) -> None:
     history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=2)
 
     model.save(fn_args.serving_model_dir, save_format="tf",
-               signatures=_signatures(model, transform_output))
+               signatures=_signatures(model, transform_output, config))
     backbone_of(model).save_weights(os.path.join(fn_args.serving_model_dir, BACKBONE_WEIGHTS))
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
     record = dict(history.history, started_from=[start or config.weights_path or "scratch"])

@@ -78,8 +78,9 @@ class PipelineConfig:
     # Evaluator gate: test-split accuracy every material must reach before the Pusher ships,
     # and how far below the last blessed model's accuracy (overall, per material) it may be.
     max_accuracy_drop: float = 0.0
+    # Default: the paper's test accuracies (94 % SrTiO3, 99.3 % CdTe).
     min_accuracy: Dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"SrTiO3": 0.6, "CdTe": 0.6})
+        default_factory=lambda: {"SrTiO3": 0.94, "CdTe": 0.99})
 
     kubeflow: KubeflowSettings = KubeflowSettings()
 
@@ -149,7 +150,10 @@ class PipelineConfig:
 
 
 PROFILES: Dict[str, Dict] = {
-    "demo": {},
+    # 480 images and about 10 minutes on 2 cores: a model fine-tuned on 336 images reaches
+    # about 0.75 per material (README, "Status"), so the demo's gate asks for 0.6, not the
+    # paper's accuracies.
+    "demo": dict(min_accuracy={"SrTiO3": 0.6, "CdTe": 0.6}),
     # A few dozen small images, single-process Beam: the end-to-end tests.
     "test": dict(
         pipeline_name="stem-defects-test",

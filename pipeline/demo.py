@@ -52,6 +52,10 @@ def summarise(config: PipelineConfig) -> None:
     )
     curves = os.path.join(config.figures_dir, "classifier_training_curves.png")
     shutil.copyfile(os.path.join(outputs["Trainer.model_run"].uri, "training_curves.png"), curves)
+    confusion = reports.write_confusion_matrices(
+        reports.confusion_matrices(outputs["Evaluator.evaluation"].uri),
+        reports.label_vocabulary(outputs["Transform.transform_graph"].uri),
+        os.path.join(config.figures_dir, "classifier_confusion_matrices.png"))
     pushed = outputs["Pusher.pushed_model"]
 
     print("\nDone. Where to look:")
@@ -73,6 +77,7 @@ def summarise(config: PipelineConfig) -> None:
         print("  pushed model  none: the evaluation gate did not bless this model")
     print(f"  figures       {sheet}")
     print(f"                {curves}")
+    print(f"                {confusion}")
     print(f"  metadata      {config.metadata_path}")
 
 

@@ -84,6 +84,7 @@ def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             tfma.MetricConfig(class_name="SparseCategoricalAccuracy",
                               threshold=not_worse, per_slice_thresholds=per_material),
             tfma.MetricConfig(class_name="ExampleCount"),
+            tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
         ])],
     )
 
@@ -134,6 +135,7 @@ def create_components(config: PipelineConfig) -> List:
             fine_tune_layers=config.fine_tune_layers,
             learning_rate=config.learning_rate,
             input_size=config.input_size,
+            input_channels=list(config.input_channels),
             weights_path=config.weights_path,
             augment_labels=list(config.augment_labels),
             **{transform.CODE_FINGERPRINT: modules_fingerprint},

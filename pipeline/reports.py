@@ -7,6 +7,7 @@ import os
 from typing import Dict, Iterator, List
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -138,15 +139,29 @@ def pseudo_label_summary(report_uri: str) -> List[str]:
     return lines
 
 
+def load_candidate_result(evaluation_uri: str):
+    """The TFMA result of the evaluated model (not of its baseline, when there was one)."""
+    import tensorflow_model_analysis as tfma
+    from tensorflow_model_analysis.writers import eval_config_writer
+
+    specs = eval_config_writer.load_eval_run(evaluation_uri)[0].model_specs
+    candidate = next(spec.name for spec in specs if not spec.is_baseline)
+    return tfma.load_eval_result(evaluation_uri, model_name=candidate if len(specs) > 1 else None)
+
+
+def _slice_name(slice_key) -> str:
+    return ", ".join(f"{k}={v}" for k, v in slice_key) or "overall"
+
+
 def accuracy_summary(evaluation_uri: str) -> List[str]:
     """Test accuracy per slice, then the gate's verdict with the failing slices."""
     import tensorflow_model_analysis as tfma
 
     lines = []
-    for slice_key, metrics in tfma.load_eval_result(evaluation_uri).slicing_metrics:
+    for slice_key, metrics in sorted(load_candidate_result(evaluation_uri).slicing_metrics,
+                                     key=lambda item: _slice_name(item[0]) != "overall"):
         values = metrics[""][""]
-        name = ", ".join(f"{k}={v}" for k, v in slice_key) or "overall"
-        lines.append(f"{name}: accuracy {values['sparse_categorical_accuracy']['doubleValue']:.3f} "
+        lines.append(f"{_slice_name(slice_key)}: accuracy {values['sparse_categorical_accuracy']['doubleValue']:.3f} "
                      f"on {values['example_count']['doubleValue']:.0f} test images")
     validation = tfma.load_validation_result(evaluation_uri)
     if validation.validation_ok:
@@ -156,7 +171,7 @@ def accuracy_summary(evaluation_uri: str) -> List[str]:
                                for c in failure.slice_key.single_slice_keys) or "overall"
         for metric in failure.failures:
             value = metric.metric_value.double_value.value
-            if metric.metric_key.HasField("is_diff") and metric.metric_key.is_diff:
+            if metric.metric_key.is_diff:
                 allowed = metric.metric_threshold.change_threshold.absolute.value
                 lines.append(f"gate: FAILED on {slice_name}: {metric.metric_key.name} changed by "
                              f"{value:+.3f} against the last blessed model (allowed {allowed:+.3f})")
@@ -164,3 +179,58 @@ def accuracy_summary(evaluation_uri: str) -> List[str]:
                 bound = metric.metric_threshold.value_threshold.lower_bound.value
                 lines.append(f"gate: FAILED on {slice_name}: {metric.metric_key.name} {value:.3f} < {bound}")
     return lines
+
+
+def label_vocabulary(transform_graph_uri: str) -> List[str]:
+    """The classifier's class names, in the order of its class ids."""
+    import tensorflow_transform as tft
+
+    from modules.transform import LABEL_VOCABULARY
+
+    names = tft.TFTransformOutput(transform_graph_uri).vocabulary_by_name(LABEL_VOCABULARY)
+    return [name.decode() if isinstance(name, bytes) else name for name in names]
+
+
+def confusion_matrices(evaluation_uri: str) -> Dict[str, np.ndarray]:
+    """{slice name: counts[actual class id, predicted class id]} of the evaluated model."""
+    matrices = {}
+    for slice_key, plots in load_candidate_result(evaluation_uri).plots:
+        entries = plots[""][""]["multiClassConfusionMatrixAtThresholds"]["matrices"][0]["entries"]
+        size = 1 + max(max(e.get("actualClassId", 0), e.get("predictedClassId", 0)) for e in entries)
+        counts = np.zeros((size, size))
+        for entry in entries:  # proto JSON leaves out zeros
+            counts[entry.get("actualClassId", 0), entry.get("predictedClassId", 0)] += \
+                entry.get("numWeightedExamples", 0.0)
+        matrices[_slice_name(slice_key)] = counts
+    return matrices
+
+
+def write_confusion_matrices(matrices: Dict[str, np.ndarray], class_names: List[str],
+                             path: str) -> str:
+    """One panel per slice: test images per true and predicted class, rows summing to 1 in colour."""
+    names = sorted(matrices)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.4), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        counts = matrices[name]
+        n = len(class_names)
+        counts = np.pad(counts, ((0, n - len(counts)), (0, n - len(counts))))
+        shown = [i for i in range(n) if counts[i].sum() or counts[:, i].sum()]
+        counts = counts[np.ix_(shown, shown)]
+        rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), value in np.ndenumerate(counts):
+            if value:
+                axis.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                          color="white" if rates[i, j] > 0.6 else "black")
+        labels = [class_names[i] for i in shown]
+        axis.set_xticks(range(len(shown)), labels, rotation=60, ha="right", fontsize=8)
+        axis.set_yticks(range(len(shown)), labels, fontsize=8)
+        accuracy = np.trace(counts) / max(counts.sum(), 1)
+        axis.set_title(f"{name}: accuracy {accuracy:.2f}", fontsize=9)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
@@ -88,20 +89,40 @@ def test_blessed_model_is_pushed_and_predicts_from_serialized_examples(runs):
     pushed = artifacts["Pusher.pushed_model"].custom_properties["pushed_destination"].string_value
     assert pushed.startswith(runs.serving_model_dir)
 
-    serialized = [contract.to_example(m).SerializeToString()
-                  for m in list(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri, "test"))[:4]]
-    predict = tf.saved_model.load(pushed).signatures["serving_default"]
-    outputs = predict(examples=tf.constant(serialized))
+    micrographs = list(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri,
+                                          "test"))[:4]
+    serialized = [contract.to_example(m).SerializeToString() for m in micrographs]
+    model = tf.saved_model.load(pushed)
+    outputs = model.signatures["serving_default"](examples=tf.constant(serialized))
     probabilities = outputs["probabilities"].numpy()
     assert probabilities.shape == (4, len(IMAGE_CLASSES))
     assert probabilities.sum(axis=1) == pytest.approx(1.0, abs=1e-4)
     assert {label.decode() for label in outputs["label"].numpy()} <= set(IMAGE_CLASSES)
+    # the same answers from the maps themselves, without tf.Examples
+    from_maps = model.signatures["serving_maps"](**{
+        source: tf.constant(np.stack([getattr(m, source) for m in micrographs]))
+        for source in set(runs.input_channels)})
+    np.testing.assert_allclose(from_maps["probabilities"].numpy(), probabilities, atol=1e-5)
 
 
 def test_training_curves_are_written(runs):
     artifacts = outputs_of_run(runs.metadata_path, run_index=0)
     curves = os.path.join(artifacts["Trainer.model_run"].uri, "training_curves.png")
     assert os.path.getsize(curves) > 10_000
+
+
+def test_confusion_matrix_per_material_is_drawn(runs, tmp_path):
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    matrices = reports.confusion_matrices(artifacts["Evaluator.evaluation"].uri)
+    assert set(matrices) == {"overall"} | {f"material={m}" for m in runs.materials}
+    pairs = runs.material_labels()
+    for material, labels in pairs.items():  # one test image per (material, label)
+        assert matrices[f"material={material}"].sum() == len(labels)
+    assert matrices["overall"].sum() == sum(len(labels) for labels in pairs.values())
+    vocabulary = reports.label_vocabulary(artifacts["Transform.transform_graph"].uri)
+    assert sorted(vocabulary) == sorted(set(IMAGE_CLASSES))
+    path = reports.write_confusion_matrices(matrices, vocabulary, str(tmp_path / "confusion.png"))
+    assert os.path.getsize(path) > 10_000
 
 
 def test_unreachable_threshold_pushes_nothing(runs):
