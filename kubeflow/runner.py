@@ -22,7 +22,7 @@ from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.graph import create_components  # noqa: E402
 
 ResourceSpec = pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec.ResourceSpec
-TRAINERS = ("Trainer",)
+TRAINERS = ("Trainer", "SegmenterTrainer")
 
 
 def _resources(config: PipelineConfig, component_id: str) -> ResourceSpec:

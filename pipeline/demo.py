@@ -56,7 +56,6 @@ def summarise(config: PipelineConfig) -> None:
         reports.confusion_matrices(outputs["Evaluator.evaluation"].uri),
         reports.label_vocabulary(outputs["Transform.transform_graph"].uri),
         os.path.join(config.figures_dir, "classifier_confusion_matrices.png"))
-    pushed = outputs["Pusher.pushed_model"]
 
     print("\nDone. Where to look:")
     print(f"  examples      {examples_uri}")
@@ -71,13 +70,19 @@ def summarise(config: PipelineConfig) -> None:
     print(f"  evaluation    {outputs['Evaluator.evaluation'].uri}")
     for line in reports.accuracy_summary(outputs["Evaluator.evaluation"].uri):
         print(f"                  {line}")
-    if pushed.custom_properties["pushed"].int_value:
-        print(f"  pushed model  {pushed.custom_properties['pushed_destination'].string_value}")
-    else:
-        print("  pushed model  none: the evaluation gate did not bless this model")
+    segmentation = outputs["SegmentationEvaluator.evaluation"].uri
+    print(f"  segmentation  {segmentation}")
+    for line in reports.segmentation_summary(segmentation):
+        print(f"                  {line}")
+    for name, pusher in (("classifier", "Pusher"), ("segmenter", "SegmenterPusher")):
+        pushed = outputs[f"{pusher}.pushed_model"].custom_properties
+        where = (pushed["pushed_destination"].string_value if pushed["pushed"].int_value
+                 else "none: the evaluation gate did not bless this model")
+        print(f"  pushed {name:<11}{where}")
     print(f"  figures       {sheet}")
     print(f"                {curves}")
     print(f"                {confusion}")
+    print(f"                {os.path.join(segmentation, 'heatmaps')} (heat maps of test images)")
     print(f"  metadata      {config.metadata_path}")
 
 

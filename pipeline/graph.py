@@ -13,6 +13,7 @@ from tfx import v1 as tfx
 
 from components import contract
 from components.pseudo_labels.component import PseudoLabeler
+from components.segmentation.component import SegmentationEvaluator
 from components.synthesis.component import SyntheticStemGen
 from modules import classifier, transform
 from pipeline.config import SCHEMA_DIR, PipelineConfig
@@ -26,6 +27,8 @@ PSEUDO_LABEL_CODE = (_COMPONENTS / "pseudo_labels", _COMPONENTS / "contract.py",
                      _COMPONENTS / "defects.py")
 MODULES_CODE = (pathlib.Path(transform.__file__).parent, _COMPONENTS / "contract.py",
                 _COMPONENTS / "defects.py")
+SEGMENTATION_CODE = (_COMPONENTS / "segmentation", _COMPONENTS / "contract.py",
+                     _COMPONENTS / "defects.py")
 
 
 def code_fingerprint(paths) -> str:
@@ -56,6 +59,16 @@ def synthesis_config_json(config: PipelineConfig) -> str:
 def pseudo_label_config_json(config: PipelineConfig) -> str:
     return json.dumps(dict(config.pseudo_labels, code_fingerprint=code_fingerprint(PSEUDO_LABEL_CODE)),
                       sort_keys=True)
+
+
+def segmentation_eval_config_json(config: PipelineConfig) -> str:
+    return json.dumps({
+        "split": "test",
+        "threshold": 0.5,
+        "min_iou": config.segmentation_min_iou,
+        "heatmap_images": config.heatmap_images,
+        "code_fingerprint": code_fingerprint(SEGMENTATION_CODE),
+    }, sort_keys=True)
 
 
 def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
@@ -154,8 +167,28 @@ def create_components(config: PipelineConfig) -> List:
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_model_dir)),
     )
+    # The U-Net student learns the pseudo-masks from the image alone (no Transform: see
+    # modules/segmenter.py), is scored against them and the ground truth, and pushed if good.
+    segmenter_trainer = tfx.components.Trainer(
+        run_fn="modules.segmenter.run_fn",
+        examples=examples,
+        custom_config=dict(config.segmenter, **{transform.CODE_FINGERPRINT: modules_fingerprint}),
+    ).with_id("SegmenterTrainer")
+    segmentation_evaluator = SegmentationEvaluator(
+        model=segmenter_trainer.outputs["model"],
+        examples=examples,
+        evaluation_config=segmentation_eval_config_json(config),
+    )
+    segmenter_pusher = tfx.components.Pusher(
+        model=segmenter_trainer.outputs["model"],
+        model_blessing=segmentation_evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(
+                base_directory=config.segmenter_serving_dir)),
+    ).with_id("SegmenterPusher")
     return [examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator,
-            transform_component, latest_blessed, trainer, evaluator, pusher]
+            transform_component, latest_blessed, trainer, evaluator, pusher,
+            segmenter_trainer, segmentation_evaluator, segmenter_pusher]
 
 
 def create_pipeline(config: PipelineConfig,

@@ -139,6 +139,30 @@ def pseudo_label_summary(report_uri: str) -> List[str]:
     return lines
 
 
+def segmentation_summary(evaluation_uri: str) -> List[str]:
+    """Per class: the U-Net's IoU against the ground truth beside its teacher's, and against the
+    pseudo-labels it learned from; then the gate's verdict."""
+    import json
+
+    from components.segmentation.executor import EVALUATION_FILE
+
+    with open(os.path.join(evaluation_uri, EVALUATION_FILE)) as handle:
+        report = json.load(handle)
+
+    def iou(comparison, cls):
+        scores = report[comparison]
+        value = scores[cls]["iou"] if isinstance(scores, dict) else None
+        return "  -  " if value is None else f"{value:.2f}"
+
+    lines = [f"IoU on {report['images']} {report['split']} images: student vs truth "
+             f"(teacher vs truth), student vs pseudo-labels"]
+    for cls in DEFECT_CLASSES:
+        lines.append(f"{cls}: {iou('student_vs_truth', cls)} ({iou('teacher_vs_truth', cls)}), "
+                     f"{iou('student_vs_pseudo', cls)}")
+    verdict = "passed (blessed)" if report["blessed"] else "FAILED: " + "; ".join(report["failures"])
+    return lines + [f"gate (IoU >= {report['min_iou']} against the pseudo-labels): {verdict}"]
+
+
 def load_candidate_result(evaluation_uri: str):
     """The TFMA result of the evaluated model (not of its baseline, when there was one)."""
     import tensorflow_model_analysis as tfma

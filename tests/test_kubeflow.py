@@ -19,6 +19,7 @@ def test_compiled_spec_has_the_graph_image_and_gpu_requests(tmp_path):
     tasks = set(spec.root.dag.tasks)
     assert tasks == {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
                      "ExampleValidator", "Transform", "Trainer", "Evaluator", "Pusher",
+                     "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
                      "latest_blessed_model-model-resolver",
                      "latest_blessed_model-model-blessing-resolver"}
     assert set(spec.root.dag.tasks["Trainer"].dependent_tasks) == {"Transform", "ImportSchemaGen"}
@@ -27,8 +28,10 @@ def test_compiled_spec_has_the_graph_image_and_gpu_requests(tmp_path):
     containers = {name: e["container"] for name, e in executors.items() if "container" in e}
     assert {c["image"] for c in containers.values()} == {config.kubeflow.image}
     gpus = {name: c["resources"].get("accelerator") for name, c in containers.items()}
-    trainer = next(name for name in gpus if name.startswith("Trainer"))
-    assert gpus.pop(trainer) == {"type": config.kubeflow.trainer_gpu_type,
-                                 "count": str(config.kubeflow.trainer_gpu_count)}
+    trainers = [name for name in gpus if name.startswith(("Trainer", "SegmenterTrainer"))]
+    assert len(trainers) == 2, gpus
+    for trainer in trainers:
+        assert gpus.pop(trainer) == {"type": config.kubeflow.trainer_gpu_type,
+                                     "count": str(config.kubeflow.trainer_gpu_count)}
     assert not any(gpus.values()), gpus
     assert job["runtimeConfig"]["gcsOutputDirectory"] == config.kubeflow.pipeline_root

@@ -11,7 +11,8 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components import contract
-from components.defects import IMAGE_CLASSES
+from components.defects import DEFECT_CLASSES, IMAGE_CLASSES
+from components.segmentation.executor import COMPARISONS, EVALUATION_FILE
 from pipeline import reports
 from pipeline.config import load_config
 from pipeline.graph import create_pipeline
@@ -19,7 +20,7 @@ from tests.e2e.mlmd import Execution, executions_by_component, inputs_of_compone
 
 COMPONENTS = {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
               "ExampleValidator", "Transform", "latest_blessed_model", "Trainer", "Evaluator",
-              "Pusher"}
+              "Pusher", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher"}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,30 @@ def test_blessed_model_is_pushed_and_predicts_from_serialized_examples(runs):
         source: tf.constant(np.stack([getattr(m, source) for m in micrographs]))
         for source in set(runs.input_channels)})
     np.testing.assert_allclose(from_maps["probabilities"].numpy(), probabilities, atol=1e-5)
+
+
+def test_segmenter_is_scored_against_pseudo_labels_and_truth_then_pushed(runs):
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    evaluation = artifacts["SegmentationEvaluator.evaluation"].uri
+    with open(os.path.join(evaluation, EVALUATION_FILE)) as handle:
+        report = json.load(handle)
+    test_images = sum(len(labels) for labels in runs.material_labels().values())
+    assert report["images"] == report["images_with_ground_truth"] == test_images
+    for comparison in COMPARISONS:
+        assert set(report[comparison]) == set(DEFECT_CLASSES)
+    assert report["blessed"] and not report["failures"]  # the test profile's gate is 0
+    for kind in ("combined", "per_class"):
+        figures = glob.glob(os.path.join(evaluation, "heatmaps", f"*_{kind}.png"))
+        assert len(figures) == runs.heatmap_images
+        assert all(os.path.getsize(f) > 10_000 for f in figures)
+
+    pushed = artifacts["SegmenterPusher.pushed_model"].custom_properties
+    assert pushed["pushed"].int_value == 1
+    destination = pushed["pushed_destination"].string_value
+    assert destination.startswith(runs.segmenter_serving_dir)
+    image = next(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri, "test")).image
+    maps = tf.saved_model.load(destination).signatures["serving_images"](images=tf.constant(image[None]))
+    assert maps["probabilities"].shape == (1,) + image.shape + (len(DEFECT_CLASSES),)
 
 
 def test_training_curves_are_written(runs):

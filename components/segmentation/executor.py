@@ -1,0 +1,133 @@
+"""Executor of SegmentationEvaluator: score the U-Net per class, draw heat maps, bless or not.
+
+The student (the U-Net) is scored against the teacher's pseudo-masks it was trained on and,
+where the examples carry it, against the ground truth `mask_true`; the teacher's own masks
+are scored against the ground truth on the same images, so the two can be compared. The
+blessing is a ModelBlessing with the `blessed` property the Pusher reads, and deliberately
+without the `current_model_id` that LatestBlessedModelStrategy looks for: the classifier's
+resolver must never take a U-Net for its baseline.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Callable, Dict, Iterable, List
+
+import numpy as np
+import tensorflow as tf
+from tfx import types
+from tfx.dsl.components.base import base_executor
+from tfx.types import artifact_utils
+from tfx.utils import path_utils
+
+from components import contract
+from components.defects import DEFECT_CLASSES
+from components.segmentation import heatmaps
+
+EVALUATION_FILE = "segmentation_evaluation.json"
+COMPARISONS = ("student_vs_pseudo", "student_vs_truth", "teacher_vs_truth")
+
+
+def _pooled(tp: int, fp: int, fn: int) -> Dict[str, Any]:
+    def ratio(a, b):
+        return a / b if b else None
+
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision is not None and recall is not None and precision + recall else None)
+    return {"precision": precision, "recall": recall, "iou": ratio(tp, tp + fp + fn), "f1": f1,
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def _counts(predicted: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(3, C) tp, fp, fn of boolean (C, H, W) arrays."""
+    return np.array([(predicted & mask).sum(axis=(1, 2)), (predicted & ~mask).sum(axis=(1, 2)),
+                     (~predicted & mask).sum(axis=(1, 2))], dtype=np.int64)
+
+
+def score(micrographs: Iterable[contract.Micrograph],
+          predict: Callable[[contract.Micrograph], np.ndarray], threshold: float,
+          heatmap_dir: str, heatmap_count: int) -> Dict[str, Any]:
+    """Pooled per-class pixel scores of student and teacher; heat maps of the first images.
+
+    `predict` maps a micrograph to probabilities (C, H, W).
+    """
+    totals = {name: np.zeros((3, len(DEFECT_CLASSES)), np.int64) for name in COMPARISONS}
+    images = with_truth = 0
+    for micrograph in micrographs:
+        probabilities = predict(micrograph)
+        predicted = probabilities > threshold
+        totals["student_vs_pseudo"] += _counts(predicted, micrograph.mask_pseudo.astype(bool))
+        if micrograph.mask_true is not None:
+            truth = micrograph.mask_true.astype(bool)
+            totals["student_vs_truth"] += _counts(predicted, truth)
+            totals["teacher_vs_truth"] += _counts(micrograph.mask_pseudo.astype(bool), truth)
+            with_truth += 1
+        if images < heatmap_count:
+            stem = os.path.join(heatmap_dir, f"{images:02d}_{micrograph.material}_{micrograph.label}")
+            title = f"{micrograph.material}, {micrograph.label} ({micrograph.source})"
+            heatmaps.combined_figure(micrograph.image, probabilities, stem + "_combined.png", title)
+            heatmaps.per_class_figure(micrograph.image, probabilities, stem + "_per_class.png",
+                                      title=title)
+        images += 1
+    report = {"images": images, "images_with_ground_truth": with_truth, "threshold": threshold}
+    for name in COMPARISONS:
+        if name != "student_vs_pseudo" and not with_truth:
+            report[name] = "no ground truth in these examples: not scored"
+            continue
+        report[name] = {cls: _pooled(*map(int, totals[name][:, c]))
+                        for c, cls in enumerate(DEFECT_CLASSES)}
+    return report
+
+
+def gate(report: Dict[str, Any], min_iou: float) -> List[str]:
+    """Why the model is refused: every class the teacher marked needs IoU >= min_iou against
+    the pseudo-masks. Empty: blessed."""
+    failures = []
+    for cls, scores in report["student_vs_pseudo"].items():
+        if scores["tp"] + scores["fn"] and (scores["iou"] or 0.0) < min_iou:
+            failures.append(f"{cls}: IoU {scores['iou'] or 0.0:.3f} against the pseudo-labels "
+                            f"< {min_iou}")
+    return failures
+
+
+def read_split(examples: types.Artifact, split: str) -> Iterable[contract.Micrograph]:
+    files = sorted(glob.glob(os.path.join(artifact_utils.get_split_uri([examples], split), "*.gz")))
+    if not files:
+        raise FileNotFoundError(f"no examples of split {split!r} in {examples.uri}")
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        yield contract.from_example(record.numpy())
+
+
+class Executor(base_executor.BaseExecutor):
+
+    def Do(self, input_dict: Dict[str, List[types.Artifact]],
+           output_dict: Dict[str, List[types.Artifact]],
+           exec_properties: Dict[str, Any]) -> None:
+        options = json.loads(exec_properties["evaluation_config"])
+        model = artifact_utils.get_single_instance(input_dict["model"])
+        examples = artifact_utils.get_single_instance(input_dict["examples"])
+        evaluation = artifact_utils.get_single_instance(output_dict["evaluation"])
+        blessing = artifact_utils.get_single_instance(output_dict["blessing"])
+
+        serving = tf.saved_model.load(
+            path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model)))
+        predict_images = serving.signatures["serving_images"]
+
+        def predict(micrograph):
+            probabilities = predict_images(images=tf.constant(micrograph.image[np.newaxis]))
+            return np.moveaxis(probabilities["probabilities"].numpy()[0], -1, 0)
+
+        heatmap_dir = os.path.join(evaluation.uri, "heatmaps")
+        os.makedirs(heatmap_dir, exist_ok=True)
+        report = score(read_split(examples, options["split"]), predict, options["threshold"],
+                       heatmap_dir, options["heatmap_images"])
+        failures = gate(report, options["min_iou"])
+        report.update(split=options["split"], min_iou=options["min_iou"],
+                      blessed=not failures, failures=failures)
+        with open(os.path.join(evaluation.uri, EVALUATION_FILE), "w") as handle:
+            json.dump(report, handle, indent=1)
+        blessing.set_int_custom_property("blessed", int(not failures))
+        open(os.path.join(blessing.uri, "BLESSED" if not failures else "NOT_BLESSED"), "w").close()

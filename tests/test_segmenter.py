@@ -1,0 +1,196 @@
+import json
+import math
+import os
+import types
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from components import contract  # noqa: E402
+from components.defects import DEFECT_CLASSES  # noqa: E402
+from modules import segmenter  # noqa: E402
+
+C = len(DEFECT_CLASSES)
+TINY = dict(tile_size=32, base_filters=4, depth=2, batch_size=4)
+
+
+def tiny(**changes):
+    return segmenter.SegmenterConfig(**dict(TINY, **changes))
+
+
+def micrograph(shape=(48, 48), square=(20, 28, 20, 28), channel=1, seed=0, status="ok"):
+    """Noise with a bright square where mask_pseudo marks it (in `channel`); mask_true is
+    all ones, so any trace of it in a batch shows."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    pseudo = np.zeros((C,) + shape, np.uint8)
+    r0, r1, c0, c1 = square
+    pseudo[channel, r0:r1, c0:c1] = 1
+    image[r0:r1, c0:c1] += 50.0
+    return contract.Micrograph(
+        image=image, material="SrTiO3", label="vacancy", pixel_size_pm=20.0, source=f"test-{seed}",
+        mask_true=np.ones((C,) + shape, np.uint8), mask_pseudo=pseudo,
+        pseudo_label_status=status)
+
+
+def write(path, micrographs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for one in micrographs:
+            writer.write(contract.to_example(one).SerializeToString())
+    return path
+
+
+def batches(pattern, config, training):
+    return [(x.numpy(), y.numpy()) for x, y in segmenter.make_dataset(pattern, config, training)]
+
+
+def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
+    config = segmenter.SegmenterConfig.from_custom_config(
+        {"tile_size": 64, "code_fingerprint": "abc", "positive_weight": 3})
+    assert config.tile_size == 64 and config.positive_weight == 3
+    with pytest.raises(ValueError, match="tile_sise.*known:.*tile_size"):
+        segmenter.SegmenterConfig.from_custom_config({"tile_sise": 64})
+    with pytest.raises(ValueError, match="divisible"):
+        segmenter.SegmenterConfig(tile_size=36, depth=3)
+
+
+@pytest.mark.parametrize("height, width", [(20, 36), (44, 12)])
+def test_unet_takes_any_multiple_of_two_to_the_depth(height, width):
+    model = segmenter.build_unet(C, tiny())
+    out = model(np.random.default_rng(1).normal(size=(2, height, width, 1)).astype(np.float32)).numpy()
+    assert out.shape == (2, height, width, C)
+    assert np.all((out >= 0) & (out <= 1))
+
+
+def test_loss_prefers_the_right_answer_and_is_finite_without_defects():
+    loss = segmenter.bce_dice_loss(positive_weight=5.0, dice_weight=1.0)
+    mask = np.zeros((2, 16, 16, C), np.float32)
+    mask[0, 4:8, 4:8, 2] = 1
+    perfect = float(loss(mask, mask))
+    empty = float(loss(mask, np.zeros_like(mask)))
+    halfway = float(loss(mask, np.full_like(mask, 0.5)))
+    assert perfect < empty and perfect < halfway
+    assert perfect < 0.01
+    nothing = np.zeros_like(mask)
+    assert math.isfinite(float(loss(nothing, nothing))) and float(loss(nothing, nothing)) < 0.01
+    assert math.isfinite(float(loss(nothing, np.full_like(mask, 0.5))))
+
+
+def test_validation_batches_are_the_central_pseudo_mask_never_mask_true(tmp_path):
+    shapes = [(48, 64), (32, 32), (24, 24)]  # wider than tall, the tile's size, smaller
+    micrographs = [micrograph(shape, square=(12, 20, 12, 20), channel=i, seed=i)
+                   for i, shape in enumerate(shapes)]
+    pattern = write(str(tmp_path / "Split-eval" / "data.gz"), micrographs)
+    [(images, masks)] = batches(pattern, tiny(), training=False)
+    assert images.shape == (3, 32, 32, 1) and masks.shape == (3, 32, 32, C)
+
+    for one, image, mask in zip(micrographs, images, masks):
+        height, width = one.image.shape
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        expected = np.zeros((C, 32, 32), np.float32)
+        if side >= 32:
+            start = (side - 32) // 2
+            expected[:] = one.mask_pseudo[:, top + start:top + start + 32, left + start:left + start + 32]
+        else:
+            start = (32 - side) // 2
+            expected[:, start:start + side, start:start + side] = one.mask_pseudo[:, top:top + side,
+                                                                                   left:left + side]
+        np.testing.assert_array_equal(mask, np.moveaxis(expected, 0, -1))
+        # the bright square sits where the mask says
+        assert np.all(image[mask.sum(-1) > 0] > 1.5) and np.all(image[mask.sum(-1) == 0] < 1.5)
+    # standardised over the whole image (the 32 x 32 one is its own tile)
+    assert abs(images[1].mean()) < 1e-4 and abs(images[1].std() - 1) < 1e-3
+
+
+def test_training_tiles_are_augmented_together_and_never_read_mask_true(tmp_path):
+    tf.random.set_seed(3)
+    # The square (rows and columns 20-27) lies inside every 32-pixel tile of a 48-pixel image.
+    micrographs = [micrograph((48, 48), channel=i % C, seed=i) for i in range(4)]
+    pattern = write(str(tmp_path / "Split-train" / "data.gz"), micrographs)
+    seen_positions = set()
+    for _ in range(4):
+        for images, masks in batches(pattern, tiny(batch_size=3), training=True):
+            assert images.shape[1:] == (32, 32, 1) and masks.shape[1:] == (32, 32, C)
+            for image, mask in zip(images, masks):
+                assert mask.sum() == 64  # the whole 8 x 8 square, one channel, no mask_true
+                channel = np.flatnonzero(mask.sum((0, 1)))
+                assert len(channel) == 1
+                square = mask[..., channel[0]] > 0
+                np.testing.assert_array_equal(image[..., 0] > 1.5, square)
+                rows, cols = np.nonzero(square)
+                seen_positions.add((rows.min(), cols.min()))
+    assert len(seen_positions) > 3  # random crops move the square around
+
+
+def test_examples_without_a_lattice_are_skipped_unless_asked(tmp_path):
+    micrographs = [micrograph(seed=0), micrograph(seed=1, status="no_lattice: no peaks")]
+    pattern = write(str(tmp_path / "Split-eval" / "data.gz"), micrographs)
+    assert sum(len(x) for x, _ in batches([pattern], tiny(), training=False)) == 1
+    assert sum(len(x) for x, _ in batches([pattern], tiny(skip_no_lattice=False), training=False)) == 2
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        segmenter.make_dataset([str(tmp_path / "nowhere" / "*.gz")], tiny(), training=False)
+
+
+def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
+    train = [micrograph((40, 40), channel=i % C, seed=i, square=(12, 18, 14, 20)) for i in range(6)]
+    evaluation = [micrograph((40, 40), channel=1, seed=10 + i, square=(12, 18, 14, 20)) for i in range(2)]
+    write(str(tmp_path / "examples" / "Split-train" / "data_tfrecord-00000-of-00001.gz"), train)
+    write(str(tmp_path / "examples" / "Split-eval" / "data_tfrecord-00000-of-00001.gz"), evaluation)
+    fn_args = types.SimpleNamespace(
+        train_files=[str(tmp_path / "examples" / "Split-train" / "*.gz")],
+        eval_files=[str(tmp_path / "examples" / "Split-eval" / "*.gz")],
+        serving_model_dir=str(tmp_path / "serving"),
+        model_run_dir=str(tmp_path / "run"),
+        custom_config=dict(TINY, epochs=1, code_fingerprint="test"),
+    )
+    segmenter.run_fn(fn_args)
+
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history["loss"]) == 1 and "val_loss" in history and "val_iou" in history
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+
+    loaded = tf.saved_model.load(fn_args.serving_model_dir)
+    serialized = [contract.to_example(one).SerializeToString() for one in evaluation]
+    by_examples = loaded.signatures["serving_default"](examples=tf.constant(serialized))
+    assert by_examples[segmenter.PROBABILITIES].shape == (2, 40, 40, C)
+    # 38 x 42 is not a multiple of 2**depth = 4: padded and cropped back
+    odd = np.random.default_rng(5).normal(size=(3, 38, 42)).astype(np.float32)
+    by_images = loaded.signatures["serving_images"](images=tf.constant(odd))
+    probabilities = by_images[segmenter.PROBABILITIES].numpy()
+    assert probabilities.shape == (3, 38, 42, C)
+    assert np.all((probabilities >= 0) & (probabilities <= 1))
+    # the two signatures agree on the same images
+    same = loaded.signatures["serving_images"](images=tf.constant(np.stack([m.image for m in evaluation])))
+    np.testing.assert_allclose(same[segmenter.PROBABILITIES].numpy(),
+                               by_examples[segmenter.PROBABILITIES].numpy(), atol=1e-5)
+
+
+def test_mask_scores_adds_f1_to_the_pseudo_label_quality():
+    masks = np.zeros((2, C, 4, 4), np.uint8)
+    masks[0, 0, :2, :2] = 1  # vacancy: 4 true pixels
+    masks[1, 3, 0, 0] = 1  # dislocation: 1 true pixel, never predicted
+    probabilities = np.zeros((2, 4, 4, C), np.float32)
+    probabilities[0, :2, :, 0] = 0.9  # vacancy: 8 predicted, 4 of them right
+    probabilities[1, 3, 3, 1] = 0.7  # substitution: predicted where there is none
+    probabilities[1, 2, 2, 2] = 0.5  # interstitial: at the threshold, not above it
+    masks[0, 4, 1, 1] = 1  # stacking fault: one true pixel, one predicted elsewhere
+    probabilities[0, 2, 2, 4] = 0.8
+    scores = segmenter.mask_scores(probabilities, masks)
+    vacancy = scores["vacancy"]
+    assert (vacancy["tp"], vacancy["fp"], vacancy["fn"]) == (4, 4, 0)
+    assert vacancy["precision"] == 0.5 and vacancy["recall"] == 1.0 and vacancy["iou"] == 0.5
+    assert vacancy["f1"] == pytest.approx(2 / 3)
+    assert scores["substitution"]["precision"] == 0 and math.isnan(scores["substitution"]["f1"])
+    assert scores["dislocation"]["recall"] == 0 and math.isnan(scores["dislocation"]["f1"])
+    assert math.isnan(scores["interstitial"]["f1"]) and scores["interstitial"]["fp"] == 0
+    assert scores["stacking_fault"]["f1"] == 0.0
+    # one image, without the batch axis
+    single = segmenter.mask_scores(probabilities[0], masks[0])
+    assert single["vacancy"]["f1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="channels last"):
+        segmenter.mask_scores(probabilities, np.moveaxis(masks, 1, -1))
