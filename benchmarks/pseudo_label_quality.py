@@ -80,9 +80,9 @@ def calibration() -> dict:
 def _git_commit() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"),
+                              check=True).stdout
+    try:  # porcelain lines are "XY path": strip no leading blank of the status
+        return {"commit": git("rev-parse", "HEAD").strip(),
                 "dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()]}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty_files": None}
