@@ -49,13 +49,12 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from components.synthesis import simulator  # noqa: E402
+from machine import calibration, git_commit  # noqa: E402  (benchmarks/machine.py)
 from modules import pretrain  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,31 +72,8 @@ PAPER_ACCURACY = {"SrTiO3": 0.94, "CdTe": 0.993}
 DOSE_BINS = 3
 
 
-def calibration() -> dict:
-    """Seconds of a fixed NumPy workload (exp and a matrix product), best of five."""
-    rng = np.random.default_rng(0)
-    a = rng.random(1 << 18, dtype=np.float32)
-    m = rng.random((256, 256), dtype=np.float32)
-    best = np.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(20):
-            np.exp(a)
-            m @ m
-        best = min(best, time.perf_counter() - start)
-    return {"fixed_numpy_workload_s": best, "loadavg_1_5_15": os.getloadavg(),
-            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
 
 
-def _git_commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout
-    try:  # porcelain lines are "XY path": strip no leading blank of the status
-        return {"commit": git("rev-parse", "HEAD").strip(),
-                "dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()]}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty_files": None}
 
 
 def wilson(correct: int, n: int, z: float = 1.96):
@@ -576,7 +552,7 @@ def main(argv=None) -> dict:
                      "tf_use_legacy_keras": os.environ.get("TF_USE_LEGACY_KERAS"),
                      "blas_threads": {v: os.environ.get(v) for v in
                                       ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-                     **_git_commit()},
+                     **git_commit()},
         "calibration_before": calibration(),
     }
     if "default" in args.parts:

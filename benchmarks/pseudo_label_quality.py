@@ -35,13 +35,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from components.defects import BULK_LABEL, DEFECT_CLASSES  # noqa: E402
+from machine import calibration, git_commit  # noqa: E402  (benchmarks/machine.py)
 from components.pseudo_labels.lattice import (  # noqa: E402
     PseudoLabelConfig,
     pseudo_labels,
@@ -61,31 +60,8 @@ MATERIALS = ("SrTiO3", "CdTe")
 DEFAULT_SEED = 4242  # no pipeline profile uses it (they use 20261125)
 
 
-def calibration() -> dict:
-    """Seconds of a fixed NumPy workload (exp and a matrix product), best of five."""
-    rng = np.random.default_rng(0)
-    a = rng.random(1 << 18, dtype=np.float32)
-    m = rng.random((256, 256), dtype=np.float32)
-    best = np.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(20):
-            np.exp(a)
-            m @ m
-        best = min(best, time.perf_counter() - start)
-    return {"fixed_numpy_workload_s": best, "loadavg_1_5_15": os.getloadavg(),
-            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
 
 
-def _git_commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout
-    try:  # porcelain lines are "XY path": strip no leading blank of the status
-        return {"commit": git("rev-parse", "HEAD").strip(),
-                "dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()]}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty_files": None}
 
 
 def scores(tp, fp, fn) -> dict:
@@ -231,7 +207,7 @@ def build_report(seed, images_per_class, size, bins, materials=MATERIALS, labels
             "dose_bin_edges": [float(e) for e in edges],
             "simulation_config": dataclasses.asdict(config),
             "pseudo_label_config": dataclasses.asdict(PseudoLabelConfig()),
-            **_git_commit(),
+            **git_commit(),
         },
         "calibration_before": before,
         "overall": summarise(records),

@@ -19,7 +19,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -27,6 +26,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components.materials import MATERIALS  # noqa: E402
+from machine import calibration  # noqa: E402  (benchmarks/machine.py)
 from components.synthesis.simulator import (  # noqa: E402
     SimulationConfig,
     plan_dataset,
@@ -39,20 +39,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
 TARGET_PER_CORE = 100.0  # images/s at 256 x 256
 
 
-def calibration() -> dict:
-    """Seconds of a fixed NumPy workload (exp and a matrix product), best of five."""
-    rng = np.random.default_rng(0)
-    a = rng.random(1 << 18, dtype=np.float32)
-    m = rng.random((256, 256), dtype=np.float32)
-    best = np.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(20):
-            np.exp(a)
-            m @ m
-        best = min(best, time.perf_counter() - start)
-    return {"fixed_numpy_workload_s": best, "loadavg_1_5_15": os.getloadavg(),
-            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
 
 
 def per_core(num_images: int, seed: int, config: SimulationConfig) -> dict:

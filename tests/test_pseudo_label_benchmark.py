@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -14,10 +15,16 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("pseudo_label_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # The script imports its sibling benchmarks/machine.py, as it does when run as a file.
+    benchmarks = os.path.abspath(os.path.dirname(SCRIPT))
+    sys.path.insert(0, benchmarks)
+    try:
+        spec = importlib.util.spec_from_file_location("pseudo_label_quality", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(benchmarks)
 
 
 def test_benchmark_writes_the_report_and_its_table(bench, tmp_path, capsys):

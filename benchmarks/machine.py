@@ -1,0 +1,39 @@
+"""What every benchmark records beside its numbers, so two result files can be compared:
+how loaded and how fast the machine was, and which commit (with which uncommitted files)
+was measured."""
+
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def calibration() -> dict:
+    """Seconds of a fixed NumPy workload (exp and a matrix product), best of five."""
+    rng = np.random.default_rng(0)
+    a = rng.random(1 << 18, dtype=np.float32)
+    m = rng.random((256, 256), dtype=np.float32)
+    best = np.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            np.exp(a)
+            m @ m
+        best = min(best, time.perf_counter() - start)
+    return {"fixed_numpy_workload_s": best, "loadavg_1_5_15": os.getloadavg(),
+            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+
+
+def git_commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout
+    try:  # porcelain lines are "XY path": strip no leading blank of the status
+        return {"commit": git("rev-parse", "HEAD").strip(),
+                "dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()]}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty_files": None}
