@@ -31,9 +31,8 @@ from tfx_bsl.public import tfxio  # noqa: E402
 from components import contract  # noqa: E402
 from components.defects import ORIENTATION_FREE_LABELS  # noqa: E402
 from modules import plots  # noqa: E402
-from modules.transform import (CODE_FINGERPRINT, DEFAULT_CHANNELS,  # noqa: E402
-                               DEFAULT_INPUT_SIZE, IMAGE_XF, LABEL_VOCABULARY, LABEL_XF,
-                               model_input)
+from modules.transform import (DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE, IMAGE_XF,  # noqa: E402
+                               LABEL_VOCABULARY, LABEL_XF, config_options, model_input)
 
 PROBABILITIES = "probabilities"
 PREDICTED_LABEL = "label"
@@ -62,12 +61,7 @@ class TrainingConfig:
 
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Dict[str, Any]]) -> "TrainingConfig":
-        options = dict(custom_config or {})
-        options.pop(CODE_FINGERPRINT, None)
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown classifier options {unknown}; known: {sorted(known)}")
+        options = config_options(cls, custom_config, "classifier")
         for name in ("augment_labels", "input_channels"):
             if name in options:
                 options[name] = tuple(options[name])

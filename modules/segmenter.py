@@ -51,7 +51,7 @@ from components import contract  # noqa: E402
 from components.defects import DEFECT_CLASSES  # noqa: E402
 from components.pseudo_labels import lattice  # noqa: E402
 from modules import plots  # noqa: E402
-from modules.transform import CODE_FINGERPRINT, standardise  # noqa: E402
+from modules.transform import config_options, standardise  # noqa: E402
 
 PROBABILITIES = "probabilities"
 IMAGE_INPUT = "image"  # the Keras model's input: [N, H, W, 1] standardised images
@@ -98,13 +98,7 @@ class SegmenterConfig:
 
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Dict[str, Any]]) -> "SegmenterConfig":
-        options = dict(custom_config or {})
-        options.pop(CODE_FINGERPRINT, None)
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown segmenter options {unknown}; known: {sorted(known)}")
-        return cls(**options)
+        return cls(**config_options(cls, custom_config, "segmenter"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import dataclasses  # noqa: E402
 from typing import Any, Dict, Optional, Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
@@ -39,6 +40,18 @@ DEVIATION_SCALE = 5.0
 # custom_config key whose value changes with the module code, so that TFX's cache (which
 # does not see code named by a dotted path) re-runs Transform and Trainer after an edit.
 CODE_FINGERPRINT = "code_fingerprint"
+
+
+def config_options(config_class, custom_config: Optional[Dict[str, Any]], what: str) -> Dict[str, Any]:
+    """A Trainer's custom_config as keyword arguments of `config_class`: the cache-only code
+    fingerprint left out, unknown keys refused by name."""
+    options = dict(custom_config or {})
+    options.pop(CODE_FINGERPRINT, None)
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} options {unknown}; known: {sorted(known)}")
+    return options
 
 
 def input_size(custom_config: Optional[Dict[str, Any]]) -> int:
