@@ -1,6 +1,6 @@
 """Compile the same graph for Kubeflow Pipelines (v2) with KubeflowV2DagRunner.
 
-The trainer asks for GPUs, every other step for CPU and memory, all from the config's
+The trainers and the clusterer (which runs the U-Net over every image) ask for GPUs, every other step for CPU and memory, all from the config's
 `kubeflow` settings. Module code is named by dotted paths, so nothing is uploaded at compile
 time: the container image (kubeflow/Dockerfile) carries this project installed.
 
@@ -22,12 +22,12 @@ from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.graph import create_components  # noqa: E402
 
 ResourceSpec = pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec.ResourceSpec
-TRAINERS = ("Trainer", "SegmenterTrainer")
+GPU_STEPS = ("Trainer", "SegmenterTrainer", "DefectClusterer")
 
 
 def _resources(config: PipelineConfig, component_id: str) -> ResourceSpec:
     settings = config.kubeflow
-    if component_id in TRAINERS:
+    if component_id in GPU_STEPS:
         return ResourceSpec(
             cpu_limit=settings.trainer_cpu,
             memory_limit=_gigabytes(settings.trainer_memory),

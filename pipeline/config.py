@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from components.clustering.executor import ClusteringConfig
 from components.defects import BULK_LABEL, IMAGE_CLASSES, ORIENTATION_FREE_LABELS
 from components.materials import MATERIALS
 from modules.classifier import IMAGENET
@@ -89,6 +90,9 @@ class PipelineConfig:
     segmentation_min_iou: float = 0.3
     heatmap_images: int = 4  # test images drawn as heat maps (the paper's Figures 2 and 3)
 
+    # Defect clustering (components/clustering): ClusteringConfig fields to override.
+    clustering: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
     kubeflow: KubeflowSettings = KubeflowSettings()
 
     # Beam, for the data-parallel components.
@@ -110,6 +114,7 @@ class PipelineConfig:
         if not 0.0 <= self.segmentation_min_iou <= 1.0:
             raise ValueError(f"segmentation_min_iou must lie in [0, 1], got {self.segmentation_min_iou}")
         SegmenterConfig.from_custom_config(self.segmenter)  # refuses unknown or bad fields by name
+        ClusteringConfig.from_options(self.clustering)  # likewise
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(f"max_accuracy_drop must lie in [0, 1], got {self.max_accuracy_drop}")
         missing = sorted(set(self.materials) - set(self.min_accuracy))
@@ -182,6 +187,7 @@ PROFILES: Dict[str, Dict] = {
         segmenter=dict(epochs=1, base_filters=4, depth=2, tile_size=32, batch_size=8),
         segmentation_min_iou=0.0,
         heatmap_images=2,
+        clustering=dict(k_max=4, gallery_per_cluster=2),
         beam_pipeline_args=("--direct_num_workers=1", "--direct_running_mode=in_memory"),
     ),
 }

@@ -74,6 +74,10 @@ def summarise(config: PipelineConfig) -> None:
     print(f"  segmentation  {segmentation}")
     for line in reports.segmentation_summary(segmentation):
         print(f"                  {line}")
+    clusters = outputs["DefectClusterer.clusters"].uri
+    print(f"  clusters      {clusters}")
+    for line in reports.clustering_summary(clusters):
+        print(f"                  {line}")
     for name, pusher in (("classifier", "Pusher"), ("segmenter", "SegmenterPusher")):
         pushed = outputs[f"{pusher}.pushed_model"].custom_properties
         where = (pushed["pushed_destination"].string_value if pushed["pushed"].int_value
@@ -83,6 +87,7 @@ def summarise(config: PipelineConfig) -> None:
     print(f"                {curves}")
     print(f"                {confusion}")
     print(f"                {os.path.join(segmentation, 'heatmaps')} (heat maps of test images)")
+    print(f"                {clusters}/{{silhouette,tsne,gallery}}.png")
     print(f"  metadata      {config.metadata_path}")
 
 

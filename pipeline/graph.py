@@ -12,6 +12,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 
 from components import contract
+from components.clustering.component import DefectClusterer
 from components.pseudo_labels.component import PseudoLabeler
 from components.segmentation.component import SegmentationEvaluator
 from components.synthesis.component import SyntheticStemGen
@@ -29,6 +30,8 @@ MODULES_CODE = (pathlib.Path(transform.__file__).parent, _COMPONENTS / "contract
                 _COMPONENTS / "defects.py")
 SEGMENTATION_CODE = (_COMPONENTS / "segmentation", _COMPONENTS / "contract.py",
                      _COMPONENTS / "defects.py")
+CLUSTERING_CODE = (_COMPONENTS / "clustering", _COMPONENTS / "contract.py",
+                   _COMPONENTS / "defects.py")
 
 
 def code_fingerprint(paths) -> str:
@@ -69,6 +72,11 @@ def segmentation_eval_config_json(config: PipelineConfig) -> str:
         "heatmap_images": config.heatmap_images,
         "code_fingerprint": code_fingerprint(SEGMENTATION_CODE),
     }, sort_keys=True)
+
+
+def clustering_config_json(config: PipelineConfig) -> str:
+    return json.dumps(dict(config.clustering, code_fingerprint=code_fingerprint(CLUSTERING_CODE)),
+                      sort_keys=True)
 
 
 def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
@@ -186,9 +194,16 @@ def create_components(config: PipelineConfig) -> List:
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=config.segmenter_serving_dir)),
     ).with_id("SegmenterPusher")
+    # The paper's last step: group the images by what the U-Net's maps show, without labels.
+    defect_clusterer = DefectClusterer(
+        model=segmenter_trainer.outputs["model"],
+        examples=examples,
+        model_blessing=segmentation_evaluator.outputs["blessing"],
+        clustering_config=clustering_config_json(config),
+    )
     return [examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator,
             transform_component, latest_blessed, trainer, evaluator, pusher,
-            segmenter_trainer, segmentation_evaluator, segmenter_pusher]
+            segmenter_trainer, segmentation_evaluator, segmenter_pusher, defect_clusterer]
 
 
 def create_pipeline(config: PipelineConfig,

@@ -163,6 +163,27 @@ def segmentation_summary(evaluation_uri: str) -> List[str]:
     return lines + [f"gate (IoU >= {report['min_iou']} against the pseudo-labels): {verdict}"]
 
 
+def clustering_summary(clusters_uri: str) -> List[str]:
+    """The chosen k and its silhouette, agreement with the known classes, and each cluster's
+    size and commonest labels."""
+    import json
+
+    from components.clustering.executor import REPORT_FILE
+
+    with open(os.path.join(clusters_uri, REPORT_FILE)) as handle:
+        report = json.load(handle)
+    best = report["silhouette"][report["k_values"].index(report["chosen_k"])]
+    lines = [f"k = {report['chosen_k']} of {report['k_values'][0]}..{report['k_values'][-1]} "
+             f"(silhouette {best:.2f}) over {report['examples']} images"]
+    agreement = report["agreement_with_labels"]
+    lines.append(agreement if isinstance(agreement, str) else
+                 f"against the true classes: ARI {agreement['ari']:.2f}, NMI {agreement['nmi']:.2f}")
+    for cluster, members in report["clusters"].items():
+        commonest = ", ".join(f"{label} {count}" for label, count in list(members["labels"].items())[:3])
+        lines.append(f"cluster {cluster}: {members['size']} images ({commonest})")
+    return lines
+
+
 def load_candidate_result(evaluation_uri: str):
     """The TFMA result of the evaluated model (not of its baseline, when there was one)."""
     import tensorflow_model_analysis as tfma

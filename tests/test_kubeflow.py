@@ -1,4 +1,4 @@
-"""The compiled Kubeflow spec: same graph, the configured image, GPUs for the trainer only."""
+"""The compiled Kubeflow spec: same graph, the configured image, GPUs for the model steps only."""
 
 import json
 
@@ -20,6 +20,7 @@ def test_compiled_spec_has_the_graph_image_and_gpu_requests(tmp_path):
     assert tasks == {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
                      "ExampleValidator", "Transform", "Trainer", "Evaluator", "Pusher",
                      "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
+                     "DefectClusterer",
                      "latest_blessed_model-model-resolver",
                      "latest_blessed_model-model-blessing-resolver"}
     assert set(spec.root.dag.tasks["Trainer"].dependent_tasks) == {"Transform", "ImportSchemaGen"}
@@ -28,10 +29,11 @@ def test_compiled_spec_has_the_graph_image_and_gpu_requests(tmp_path):
     containers = {name: e["container"] for name, e in executors.items() if "container" in e}
     assert {c["image"] for c in containers.values()} == {config.kubeflow.image}
     gpus = {name: c["resources"].get("accelerator") for name, c in containers.items()}
-    trainers = [name for name in gpus if name.startswith(("Trainer", "SegmenterTrainer"))]
-    assert len(trainers) == 2, gpus
-    for trainer in trainers:
-        assert gpus.pop(trainer) == {"type": config.kubeflow.trainer_gpu_type,
+    gpu_steps = [name for name in gpus
+                 if name.startswith(("Trainer", "SegmenterTrainer", "DefectClusterer"))]
+    assert len(gpu_steps) == 3, gpus
+    for step in gpu_steps:
+        assert gpus.pop(step) == {"type": config.kubeflow.trainer_gpu_type,
                                      "count": str(config.kubeflow.trainer_gpu_count)}
     assert not any(gpus.values()), gpus
     assert job["runtimeConfig"]["gcsOutputDirectory"] == config.kubeflow.pipeline_root

@@ -1,5 +1,6 @@
 """The whole graph on sixty small images with LocalDagRunner, checked in ML Metadata."""
 
+import csv
 import glob
 import json
 import os
@@ -11,6 +12,7 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components import contract
+from components.clustering import executor as clustering
 from components.defects import DEFECT_CLASSES, IMAGE_CLASSES
 from components.segmentation.executor import COMPARISONS, EVALUATION_FILE
 from pipeline import reports
@@ -20,7 +22,8 @@ from tests.e2e.mlmd import Execution, executions_by_component, inputs_of_compone
 
 COMPONENTS = {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
               "ExampleValidator", "Transform", "latest_blessed_model", "Trainer", "Evaluator",
-              "Pusher", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher"}
+              "Pusher", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
+              "DefectClusterer"}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +131,31 @@ def test_segmenter_is_scored_against_pseudo_labels_and_truth_then_pushed(runs):
     image = next(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri, "test")).image
     maps = tf.saved_model.load(destination).signatures["serving_images"](images=tf.constant(image[None]))
     assert maps["probabilities"].shape == (1,) + image.shape + (len(DEFECT_CLASSES),)
+
+
+def test_every_example_is_clustered_and_leads_back_to_its_micrograph(runs):
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    clusters = artifacts["DefectClusterer.clusters"].uri
+    assert inputs_of_component(runs.metadata_path, "DefectClusterer", run_index=0)["examples"] == \
+        [artifacts["PseudoLabeler.pseudo_labelled_examples"].id]
+    with open(os.path.join(clusters, clustering.REPORT_FILE)) as handle:
+        report = json.load(handle)
+    assert report["examples"] == runs.num_images
+    assert report["k_values"][0] <= report["chosen_k"] <= report["k_values"][-1] <= 4
+    assert sum(c["size"] for c in report["clusters"].values()) == runs.num_images
+    assert set(report["agreement_with_labels"]) == {"ari", "nmi"}
+    assert report["model_blessed"] is True
+
+    with open(os.path.join(clusters, clustering.ASSIGNMENTS_FILE)) as handle:
+        rows = list(csv.DictReader(handle))
+    labelled = artifacts["PseudoLabeler.pseudo_labelled_examples"].uri
+    sources = {(split, m.source): m.label for split in ("train", "eval", "test")
+               for m in reports.read_split(labelled, split)}
+    assert {(row["split"], row["source"]): row["label"] for row in rows} == sources
+    assert {int(row["cluster"]) for row in rows} == set(range(report["chosen_k"]))
+    for figure in (clustering.SILHOUETTE_FIGURE, clustering.TSNE_FIGURE, clustering.GALLERY_FIGURE):
+        assert os.path.getsize(os.path.join(clusters, figure)) > 10_000, figure
+    assert reports.clustering_summary(clusters)[0].startswith(f"k = {report['chosen_k']} ")
 
 
 def test_training_curves_are_written(runs):
