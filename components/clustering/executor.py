@@ -54,10 +54,7 @@ class ClusteringConfig:
     k_max: int = 8
     seed: int = 0
     silhouette_sample: int = 10_000  # silhouette on at most this many descriptors per k
-    # Mini-batch k-means above this many descriptors. Exact k-means clusters 100,000 in about
-    # 50 s on 2 cores and found the right k where mini-batch merged clusters
-    # (benchmarks/clustering_scale.py), so mini-batch is kept for far larger sets.
-    minibatch_above: int = 200_000
+    minibatch_above: int = grouping.MINIBATCH_ABOVE  # mini-batch k-means above this many rows
     tsne_sample: int = 5_000  # t-SNE on at most this many descriptors
     gallery_per_cluster: int = 4
     batch_size: int = 16  # images per model call

@@ -25,6 +25,9 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 MINIBATCH_SIZE = 4096  # rows per mini-batch step: large enough for stable centres
+# Exact k-means up to this many rows: at 100,000 it took ~50 s for k = 2..10 on 2 cores and
+# found the generating k, where mini-batch merged clusters (benchmarks/clustering_scale.py).
+MINIBATCH_ABOVE = 200_000
 # Distance-matrix chunk for the silhouette. scikit-learn's default (1 GiB) made a 10,000-row
 # silhouette peak at ~870 MB and run 3x slower than 128 MiB chunks did.
 SILHOUETTE_WORKING_MEMORY_MIB = 128
@@ -115,7 +118,7 @@ def _k_values(k_range: Sequence[int], n_rows: int) -> Tuple[list, Optional[str]]
 
 
 def cluster(X: np.ndarray, k_range: Tuple[int, int] = (2, 8), seed: int = 0,
-            silhouette_sample: int = 10000, minibatch_above: int = 20000,
+            silhouette_sample: int = 10000, minibatch_above: int = MINIBATCH_ABOVE,
             n_init: int = 4) -> ClusteringResult:
     """Standardise `X` (N, D), run k-means for every k in `k_range` (inclusive) and keep the
     partition of the k with the best silhouette. Raises ValueError on NaN/inf rows, a k range
