@@ -4,6 +4,8 @@ import csv
 import glob
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from components import contract
 from components.clustering import executor as clustering
 from components.defects import DEFECT_CLASSES, IMAGE_CLASSES
 from components.segmentation.executor import COMPARISONS, EVALUATION_FILE
-from pipeline import reports
+from pipeline import lineage, reports, run_report
 from pipeline.config import load_config
 from pipeline.graph import create_pipeline
 from tests.e2e.mlmd import Execution, executions_by_component, inputs_of_component, outputs_of_run
@@ -156,6 +158,56 @@ def test_every_example_is_clustered_and_leads_back_to_its_micrograph(runs):
     for figure in (clustering.SILHOUETTE_FIGURE, clustering.TSNE_FIGURE, clustering.GALLERY_FIGURE):
         assert os.path.getsize(os.path.join(clusters, figure)) > 10_000, figure
     assert reports.clustering_summary(clusters)[0].startswith(f"k = {report['chosen_k']} ")
+
+
+def test_lineage_leads_from_pushed_model_and_clusters_back_to_the_synthesis(runs):
+    store = reports.open_store(runs.metadata_path)
+    artifacts = outputs_of_run(runs.metadata_path, run_index=0)
+    pushed = artifacts["Pusher.pushed_model"]
+    chain = lineage.upstream(store, lineage.find_artifact(
+        store, pushed.custom_properties["pushed_destination"].string_value))
+    assert chain[0]["artifact"].id == pushed.id
+    assert {"Pusher", "Evaluator", "Trainer", "Transform", "PseudoLabeler", "SyntheticStemGen",
+            "ImportSchemaGen"} <= {entry["component"] for entry in chain}
+    text = "\n".join(lineage.format_chain(chain))
+    for name in ("StatisticsGen.statistics", "ExampleValidator.anomalies", "Evaluator.evaluation",
+                 "PseudoLabeler.report"):
+        assert text.count(f"{name} #{artifacts[name].id} ") == 1, name
+    clusters = lineage.upstream(store, lineage.find_artifact(store, artifacts["DefectClusterer.clusters"].uri))
+    assert {"SegmenterTrainer", "SegmentationEvaluator", "PseudoLabeler", "SyntheticStemGen"} <= \
+        {entry["component"] for entry in clusters}
+    table = lineage.run_table(store)
+    assert table[0].startswith("0  ") and "classifier pushed" in table[0]
+    assert "cached" in table[1]
+
+
+def test_run_report_is_one_html_file_with_every_section_and_figure(runs, tmp_path):
+    path = run_report.write_report(runs.metadata_path, str(tmp_path / "run.html"), run_index=0)
+    with open(path) as handle:
+        page = handle.read()
+    for section in ("Data:", "Classifier", "Segmenter", "Defect clusters"):
+        assert f"<h2>{section}" in page
+    assert "not available" not in page and "src=\"file:" not in page
+    # example sheet, curves and confusion matrices, U-Net curves and heat maps, 3 cluster figures
+    assert page.count('src="data:image/png;base64,') == 3 + 1 + 2 * runs.heatmap_images + 3
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed "
+                    "(Debian: apt install chromium)")
+def test_run_report_renders_in_headless_chromium(runs, tmp_path):
+    path = run_report.write_report(runs.metadata_path, str(tmp_path / "run.html"), run_index=0)
+    with open(path) as handle:  # after loading, record how many images decoded
+        page = handle.read().replace("</body>", (
+            "<script>window.onload = () => document.body.setAttribute('data-decoded', "
+            "Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length "
+            "+ '/' + document.images.length);</script></body>"))
+    with open(path, "w") as handle:
+        handle.write(page)
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=10000", "--dump-dom", f"file://{path}"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    images = page.count("<img ")
+    assert f'data-decoded="{images}/{images}"' in dom, dom[:300]
 
 
 def test_training_curves_are_written(runs):
