@@ -13,7 +13,7 @@ import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from pipeline import local_runner, reports  # noqa: E402
+from pipeline import local_runner, reports, run_report  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 
 
@@ -89,6 +89,10 @@ def summarise(config: PipelineConfig) -> None:
     print(f"                {os.path.join(segmentation, 'heatmaps')} (heat maps of test images)")
     print(f"                {clusters}/{{silhouette,tsne,gallery}}.png")
     print(f"  metadata      {config.metadata_path}")
+    runs = len(reports.pipeline_runs(reports.open_store(config.metadata_path)))
+    page = run_report.write_report(
+        config.metadata_path, os.path.join(config.output_dir, "reports", f"run-{runs - 1}.html"))
+    print(f"  report        {page} (open it in a browser)")
 
 
 def main() -> None:
