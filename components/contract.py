@@ -9,7 +9,7 @@ look the same to everything downstream. Arrays are stored as serialized TensorPr
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +33,12 @@ MASK_PSEUDO = "mask_pseudo"
 NOISE_SIGMA = "noise_sigma"
 PSEUDO_LABEL_STATUS = "pseudo_label_status"
 PSEUDO_LABEL_KEYS = (DEVIATION, DEVIATION_Z, MASK_PSEUDO, NOISE_SIGMA, PSEUDO_LABEL_STATUS)
+# Real micrographs only (components/micrographs): where a tile lies in its resampled frame,
+# the source file's own pixel size, and where that pixel size came from.
+TILE_ORIGIN = "tile_origin"
+SOURCE_PIXEL_SIZE_PM = "source_pixel_size_pm"
+PIXEL_SIZE_SOURCE = "pixel_size_source"
+PIXEL_SIZE_SOURCES = ("metadata", "estimated", "fallback")
 
 IMAGE_DTYPE = np.float32
 MASK_DTYPE = np.uint8
@@ -57,6 +63,10 @@ class Micrograph:
     mask_pseudo: Optional[np.ndarray] = None  # uint8 (C, H, W), channels as mask_true
     noise_sigma: Optional[float] = None  # noise standard deviation of one pixel, image units
     pseudo_label_status: Optional[str] = None  # "ok", or "no_lattice: <reason>"
+    # Real micrographs, cut from a file (components/micrographs):
+    tile_origin: Optional[Tuple[int, int]] = None  # (row, col) of the tile in the resampled frame
+    source_pixel_size_pm: Optional[float] = None  # the file's pixel size, before resampling
+    pixel_size_source: Optional[str] = None  # one of PIXEL_SIZE_SOURCES
 
 
 def _bytes(value: bytes) -> tf.train.Feature:
@@ -105,6 +115,16 @@ def _check(micrograph: Micrograph) -> None:
             f"{micrograph.source}: defect_classes has {len(micrograph.defect_classes)} entries, "
             f"expected {len(DEFECT_CLASSES)} ({', '.join(DEFECT_CLASSES)})"
         )
+    if micrograph.tile_origin is not None and (
+            len(micrograph.tile_origin) != 2 or min(micrograph.tile_origin) < 0):
+        raise ValueError(
+            f"{micrograph.source}: tile_origin must be (row, col) >= 0, got {micrograph.tile_origin}")
+    if micrograph.source_pixel_size_pm is not None and not micrograph.source_pixel_size_pm > 0:
+        raise ValueError(f"{micrograph.source}: source_pixel_size_pm must be positive, "
+                         f"got {micrograph.source_pixel_size_pm}")
+    if micrograph.pixel_size_source not in (None,) + PIXEL_SIZE_SOURCES:
+        raise ValueError(f"{micrograph.source}: pixel_size_source must be one of "
+                         f"{', '.join(PIXEL_SIZE_SOURCES)}, got {micrograph.pixel_size_source!r}")
 
 
 def to_example(micrograph: Micrograph) -> tf.train.Example:
@@ -138,6 +158,12 @@ def to_example(micrograph: Micrograph) -> tf.train.Example:
         features[NOISE_SIGMA] = _floats([micrograph.noise_sigma])
     if micrograph.pseudo_label_status is not None:
         features[PSEUDO_LABEL_STATUS] = _bytes(micrograph.pseudo_label_status.encode())
+    if micrograph.tile_origin is not None:
+        features[TILE_ORIGIN] = _ints([int(v) for v in micrograph.tile_origin])
+    if micrograph.source_pixel_size_pm is not None:
+        features[SOURCE_PIXEL_SIZE_PM] = _floats([micrograph.source_pixel_size_pm])
+    if micrograph.pixel_size_source is not None:
+        features[PIXEL_SIZE_SOURCE] = _bytes(micrograph.pixel_size_source.encode())
     return tf.train.Example(features=tf.train.Features(feature=features))
 
 
@@ -174,5 +200,16 @@ def from_example(example: tf.train.Example | bytes) -> Micrograph:
         noise_sigma=feature[NOISE_SIGMA].float_list.value[0] if NOISE_SIGMA in feature else None,
         pseudo_label_status=(
             first_bytes(PSEUDO_LABEL_STATUS).decode() if PSEUDO_LABEL_STATUS in feature else None
+        ),
+        tile_origin=(
+            tuple(int(v) for v in feature[TILE_ORIGIN].int64_list.value)
+            if TILE_ORIGIN in feature else None
+        ),
+        source_pixel_size_pm=(
+            feature[SOURCE_PIXEL_SIZE_PM].float_list.value[0]
+            if SOURCE_PIXEL_SIZE_PM in feature else None
+        ),
+        pixel_size_source=(
+            first_bytes(PIXEL_SIZE_SOURCE).decode() if PIXEL_SIZE_SOURCE in feature else None
         ),
     )

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 from components.clustering.executor import ClusteringConfig
 from components.defects import BULK_LABEL, IMAGE_CLASSES, ORIENTATION_FREE_LABELS
 from components.materials import MATERIALS
+from components.micrographs.executor import MicrographConfig
 from modules.classifier import IMAGENET
 from modules.segmenter import SegmenterConfig
 from modules.transform import CHANNEL_SOURCES, DEFAULT_CHANNELS
@@ -44,6 +45,10 @@ class PipelineConfig:
 
     pipeline_name: str = "stem-defects"  # KFP allows [a-z0-9-] only
     output_dir: str = DEFAULT_OUTPUT_DIR
+
+    # Real micrographs instead of synthetic ones: MicrographConfig fields (root, material,
+    # label_source, ...; split_tenths comes from below). None: synthetic data.
+    micrographs: Optional[Dict[str, Any]] = None
 
     # Synthesis.
     num_images: int = 480
@@ -105,6 +110,10 @@ class PipelineConfig:
         unknown = [m for m in self.materials if m not in MATERIALS]
         if unknown:
             raise ValueError(f"unknown materials {unknown}; known: {sorted(MATERIALS)}")
+        micrographs = self.micrograph_config()  # names a bad field
+        if micrographs is not None and micrographs.material not in self.materials:
+            raise ValueError(f"micrographs.material {micrographs.material!r} is not one of "
+                             f"materials {self.materials}")
         pairs = self.material_labels()
         if self.num_images < sum(len(labels) for labels in pairs.values()):
             raise ValueError(
@@ -135,6 +144,18 @@ class PipelineConfig:
                 f"to None to train from scratch")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+
+    def micrograph_config(self) -> Optional[MicrographConfig]:
+        if self.micrographs is None:
+            return None
+        if "split_tenths" in self.micrographs:
+            raise ValueError("micrographs.split_tenths: set split_tenths of the pipeline config instead")
+        return MicrographConfig(**self.micrographs, split_tenths=self.split_tenths)
+
+    @property
+    def trains_classifier(self) -> bool:
+        """Synthetic data, or real micrographs with labels: an image classifier means something."""
+        return self.micrographs is None or self.micrographs.get("label_source") is not None
 
     def material_labels(self) -> Dict[str, Tuple[str, ...]]:
         """The image classes simulated for each material."""
@@ -193,12 +214,28 @@ PROFILES: Dict[str, Dict] = {
 }
 
 
+def real_profile() -> Dict[str, Any]:
+    """The `real` profile: the folder tree of micrographs in $STEM_MICROGRAPHS, of the material
+    in $STEM_MATERIAL (default SrTiO3), labelled by $STEM_LABEL_SOURCE ("folder" or
+    "pattern"; unset: unlabelled, and no classifier is trained)."""
+    root = os.environ.get("STEM_MICROGRAPHS")
+    if not root:
+        raise ValueError("the real profile reads the folder named by $STEM_MICROGRAPHS, which is not set")
+    material = os.environ.get("STEM_MATERIAL", "SrTiO3")
+    return dict(pipeline_name="stem-defects-real", materials=(material,),
+                micrographs=dict(root=os.path.abspath(root), material=material,
+                                 label_source=os.environ.get("STEM_LABEL_SOURCE") or None))
+
+
 def load_config(profile: Optional[str] = None, output_dir: Optional[str] = None) -> PipelineConfig:
-    """The config of a profile (default from $STEM_PROFILE, else `demo`)."""
+    """The config of a profile (default from $STEM_PROFILE, else `demo`; `real`: see real_profile)."""
     profile = profile or os.environ.get("STEM_PROFILE", "demo")
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
-    changes = dict(PROFILES[profile])
+    if profile == "real":
+        changes = real_profile()
+    elif profile in PROFILES:
+        changes = dict(PROFILES[profile])
+    else:
+        raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES) + ['real']}")
     output_dir = output_dir or os.environ.get("STEM_OUTPUT_DIR")
     if output_dir:
         changes["output_dir"] = os.path.abspath(output_dir)

@@ -13,6 +13,8 @@ from tfx import v1 as tfx
 
 from components import contract
 from components.clustering.component import DefectClusterer
+from components.micrographs.component import MicrographExampleGen
+from components.micrographs.executor import folder_fingerprint
 from components.pseudo_labels.component import PseudoLabeler
 from components.segmentation.component import SegmentationEvaluator
 from components.synthesis.component import SyntheticStemGen
@@ -24,6 +26,9 @@ _COMPONENTS = pathlib.Path(contract.__file__).parent
 # The code each custom step runs, beyond its parameters: simulator and its data, module files.
 SYNTHESIS_CODE = (_COMPONENTS / "synthesis", _COMPONENTS / "materials.py",
                   _COMPONENTS / "defects.py", _COMPONENTS / "contract.py")
+MICROGRAPH_CODE = (_COMPONENTS / "micrographs", _COMPONENTS / "pseudo_labels" / "lattice.py",
+                   _COMPONENTS / "synthesis" / "executor.py", _COMPONENTS / "materials.py",
+                   _COMPONENTS / "defects.py", _COMPONENTS / "contract.py")
 PSEUDO_LABEL_CODE = (_COMPONENTS / "pseudo_labels", _COMPONENTS / "contract.py",
                      _COMPONENTS / "defects.py")
 MODULES_CODE = (pathlib.Path(transform.__file__).parent, _COMPONENTS / "contract.py",
@@ -57,6 +62,14 @@ def synthesis_config_json(config: PipelineConfig) -> str:
         "dose": list(config.dose),
         "code_fingerprint": code_fingerprint(SYNTHESIS_CODE),
     }, sort_keys=True)
+
+
+def micrograph_config_json(config: PipelineConfig) -> str:
+    """The folder's config, with the code's and the folder's fingerprints: TFX's cache must
+    see new, removed or changed files, which the parameters alone do not show."""
+    micrographs = config.micrograph_config()
+    return micrographs.to_json(code_fingerprint=code_fingerprint(MICROGRAPH_CODE),
+                               folder_fingerprint=folder_fingerprint(micrographs.root))
 
 
 def pseudo_label_config_json(config: PipelineConfig) -> str:
@@ -111,11 +124,14 @@ def classifier_eval_config(config: PipelineConfig) -> tfma.EvalConfig:
 
 
 def create_components(config: PipelineConfig) -> List:
-    examples_gen = SyntheticStemGen(
-        num_images=config.num_images,
-        seed=config.seed,
-        synthesis_config=synthesis_config_json(config),
-    )
+    if config.micrographs is None:
+        examples_gen = SyntheticStemGen(
+            num_images=config.num_images,
+            seed=config.seed,
+            synthesis_config=synthesis_config_json(config),
+        )
+    else:  # real files; what cannot be used goes to its `quarantine` report
+        examples_gen = MicrographExampleGen(micrograph_config=micrograph_config_json(config))
     pseudo_labeler = PseudoLabeler(
         examples=examples_gen.outputs["examples"],
         pseudo_label_config=pseudo_label_config_json(config),
@@ -201,9 +217,12 @@ def create_components(config: PipelineConfig) -> List:
         model_blessing=segmentation_evaluator.outputs["blessing"],
         clustering_config=clustering_config_json(config),
     )
-    return [examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator,
-            transform_component, latest_blessed, trainer, evaluator, pusher,
-            segmenter_trainer, segmentation_evaluator, segmenter_pusher, defect_clusterer]
+    classifier_steps = [transform_component, latest_blessed, trainer, evaluator, pusher]
+    return ([examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator]
+            # Unlabelled micrographs: no image classes to learn; segmentation and clustering
+            # need none.
+            + (classifier_steps if config.trains_classifier else [])
+            + [segmenter_trainer, segmentation_evaluator, segmenter_pusher, defect_clusterer])
 
 
 def create_pipeline(config: PipelineConfig,
