@@ -45,20 +45,17 @@ def run_through_cli(config: PipelineConfig) -> None:
 
 def summarise(config: PipelineConfig) -> None:
     outputs = reports.run_outputs(reports.open_store(config.metadata_path))
-    examples_uri = outputs["SyntheticStemGen.examples"].uri
-    sheet = reports.write_example_sheet(
+    examples_uri = outputs["PseudoLabeler.pseudo_labelled_examples"].uri
+    figures = [reports.write_example_sheet(
         reports.pick_one_per_class(reports.read_split(examples_uri, "train")),
-        os.path.join(config.figures_dir, "example_sheet.png"),
-    )
-    curves = os.path.join(config.figures_dir, "classifier_training_curves.png")
-    shutil.copyfile(os.path.join(outputs["Trainer.model_run"].uri, "training_curves.png"), curves)
-    confusion = reports.write_confusion_matrices(
-        reports.confusion_matrices(outputs["Evaluator.evaluation"].uri),
-        reports.label_vocabulary(outputs["Transform.transform_graph"].uri),
-        os.path.join(config.figures_dir, "classifier_confusion_matrices.png"))
+        os.path.join(config.figures_dir, "example_sheet.png"))]
 
     print("\nDone. Where to look:")
     print(f"  examples      {examples_uri}")
+    if "MicrographExampleGen.quarantine" in outputs:
+        print(f"  quarantine    {outputs['MicrographExampleGen.quarantine'].uri}")
+        for line in reports.quarantine_summary(outputs["MicrographExampleGen.quarantine"].uri):
+            print(f"                  {line}")
     print(f"  pseudo-labels {outputs['PseudoLabeler.report'].uri}")
     for line in reports.pseudo_label_summary(outputs["PseudoLabeler.report"].uri):
         print(f"                  {line}")
@@ -67,9 +64,18 @@ def summarise(config: PipelineConfig) -> None:
     print(f"  anomalies     {outputs['ExampleValidator.anomalies'].uri}")
     for line in reports.anomalies_summary(outputs["ExampleValidator.anomalies"].uri):
         print(f"                  {line}")
-    print(f"  evaluation    {outputs['Evaluator.evaluation'].uri}")
-    for line in reports.accuracy_summary(outputs["Evaluator.evaluation"].uri):
-        print(f"                  {line}")
+    pushers = [("segmenter", "SegmenterPusher")]
+    if config.trains_classifier:
+        curves = os.path.join(config.figures_dir, "classifier_training_curves.png")
+        shutil.copyfile(os.path.join(outputs["Trainer.model_run"].uri, "training_curves.png"), curves)
+        figures += [curves, reports.write_confusion_matrices(
+            reports.confusion_matrices(outputs["Evaluator.evaluation"].uri),
+            reports.label_vocabulary(outputs["Transform.transform_graph"].uri),
+            os.path.join(config.figures_dir, "classifier_confusion_matrices.png"))]
+        print(f"  evaluation    {outputs['Evaluator.evaluation'].uri}")
+        for line in reports.accuracy_summary(outputs["Evaluator.evaluation"].uri):
+            print(f"                  {line}")
+        pushers.insert(0, ("classifier", "Pusher"))
     segmentation = outputs["SegmentationEvaluator.evaluation"].uri
     print(f"  segmentation  {segmentation}")
     for line in reports.segmentation_summary(segmentation):
@@ -78,16 +84,16 @@ def summarise(config: PipelineConfig) -> None:
     print(f"  clusters      {clusters}")
     for line in reports.clustering_summary(clusters):
         print(f"                  {line}")
-    for name, pusher in (("classifier", "Pusher"), ("segmenter", "SegmenterPusher")):
+    for name, pusher in pushers:
         pushed = outputs[f"{pusher}.pushed_model"].custom_properties
         where = (pushed["pushed_destination"].string_value if pushed["pushed"].int_value
                  else "none: the evaluation gate did not bless this model")
         print(f"  pushed {name:<11}{where}")
-    print(f"  figures       {sheet}")
-    print(f"                {curves}")
-    print(f"                {confusion}")
-    print(f"                {os.path.join(segmentation, 'heatmaps')} (heat maps of test images)")
-    print(f"                {clusters}/{{silhouette,tsne,gallery}}.png")
+    figures += [f"{os.path.join(segmentation, 'heatmaps')} (heat maps of test images)",
+                f"{clusters}/{{silhouette,tsne,gallery}}.png"]
+    print(f"  figures       {figures[0]}")
+    for figure in figures[1:]:
+        print(f"                {figure}")
     print(f"  metadata      {config.metadata_path}")
     runs = len(reports.pipeline_runs(reports.open_store(config.metadata_path)))
     page = run_report.write_report(

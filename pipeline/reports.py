@@ -121,6 +121,20 @@ def anomalies_summary(anomalies_uri: str) -> List[str]:
     return lines
 
 
+def quarantine_summary(quarantine_uri: str) -> List[str]:
+    """Files used and set aside, with every set-aside file and its reason."""
+    import json
+
+    from components.micrographs.executor import QUARANTINE_JSON
+
+    with open(os.path.join(quarantine_uri, QUARANTINE_JSON)) as handle:
+        report = json.load(handle)
+    lines = [f"{report['files_used']} of {report['files']} files used, "
+             f"{report['files_quarantined']} set aside"]
+    return lines + [f"{row['relative_path']}: {row['reason']} ({row['detail']})"
+                    for row in report["quarantined"]]
+
+
 def pseudo_label_summary(report_uri: str) -> List[str]:
     """Examples with a lattice found, then the pseudo-masks' pixel scores against ground truth."""
     import json

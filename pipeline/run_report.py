@@ -108,7 +108,10 @@ def build_report(metadata_path: str, run_index: int = -1) -> str:
                 reports.pick_one_per_class(reports.read_split(examples, "train")),
                 os.path.join(scratch, "example_sheet.png"))
             picture = _image(sheet, "one training image per material and class, with its ground truth")
-        return ("<h3>Anomalies against schema/schema.pbtxt</h3>"
+        quarantine = ("<h3>Files set aside (quarantine)</h3>"
+                      + _lines(reports.quarantine_summary(uri("MicrographExampleGen.quarantine")))
+                      if "MicrographExampleGen.quarantine" in outputs else "")
+        return (quarantine + "<h3>Anomalies against schema/schema.pbtxt</h3>"
                 + _lines(reports.anomalies_summary(uri("ExampleValidator.anomalies")))
                 + "<h3>Pseudo-labels</h3>" + _lines(reports.pseudo_label_summary(uri("PseudoLabeler.report")))
                 + "<h3>Statistics (TFDV)</h3>" + statistics_table(uri("StatisticsGen.statistics"))

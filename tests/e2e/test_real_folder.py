@@ -9,7 +9,7 @@ from tfx import v1 as tfx
 from components.clustering import executor as clustering
 from components.micrographs.executor import QUARANTINE_JSON, split_of_file
 from components.segmentation.executor import EVALUATION_FILE
-from pipeline import reports
+from pipeline import demo, reports, run_report
 from pipeline.config import load_config
 from pipeline.graph import create_pipeline
 from tests.e2e.mlmd import Execution, executions_by_component, outputs_of_run
@@ -79,3 +79,18 @@ def test_ground_truth_scores_are_skipped_and_said_so(run):
         clusters = json.load(handle)
     assert clusters["agreement_with_labels"] == "labels unknown: not scored"
     assert clusters["examples"] == len(_names_covering_every_split(8))
+
+
+def test_run_summary_and_report_name_the_quarantined_files(run, capsys):
+    config, expected = run
+    demo.summarise(config)
+    printed = capsys.readouterr().out
+    assert f"{len(expected)} set aside" in printed
+    for path, reason in expected.items():
+        assert f"{path}: {reason} (" in printed
+    assert "pushed classifier" not in printed and "pushed segmenter" in printed
+    with open(os.path.join(config.output_dir, "reports", "run-0.html")) as handle:
+        page = handle.read()
+    assert all(path in page for path in expected)
+    assert "<h2>Classifier" in page and "not available in this run" in page
+    assert page == run_report.build_report(config.metadata_path)
