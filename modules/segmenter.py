@@ -13,24 +13,36 @@ and would make the transformed examples huge, and the tiling below is random per
 
 - Input: the image standardised per image (`modules.transform.standardise`), whole, at its
   native pixel size (the masks are never resized).
-- Training: the image's central square is cut to a random `tile_size` tile, rotated by a
-  random multiple of 90 degrees and mirrored at random; the mask is cut and turned with the
-  image, so every one of these is label-preserving. Validation uses the central tile. An
-  image smaller than the tile is padded with zeros (the standardised mean).
+- Training: `tiles_per_image` random `tile_size` tiles are cut from every image's central
+  square per epoch, a share `defect_tile_fraction` of them centred on a pixel the teacher
+  marked (of a class drawn evenly from those the image holds: point defects cover 1e-4 of
+  an image), each rotated by a random multiple of 90 degrees and mirrored at random; the
+  mask is cut and turned with the image, so every one of these is label-preserving.
+  Validation uses the central tile. An image smaller than the tile is padded with zeros
+  (the standardised mean). The learning rate decays along a cosine over the epochs.
 - Examples whose `pseudo_label_status` is not "ok" (no lattice found: an all-empty mask
   that means "unknown", not "no defect") are skipped unless `skip_no_lattice` is False.
 - Loss: weighted binary cross-entropy (defect pixels weighted by `positive_weight`) plus
-  `dice_weight` x (1 - soft Dice), Dice averaged over classes and pooled over the batch; a
-  class absent from the batch has a well-defined Dice thanks to a smoothing term.
+  `dice_weight` x (1 - soft Dice), Dice pooled over the batch and averaged over the classes
+  the batch's masks mark (an absent class's Dice would only reward predicting nothing, and
+  at full weight: that drove every output to 0). The output starts at `prior_probability`.
+- Network: with `input_stride` 2 the U-Net sees the image averaged over 2 x 2 pixels (the
+  probe is several pixels wide, so little is lost) and its answer is enlarged back.
 - The network is fully convolutional: it takes images of any height and width divisible by
-  2**depth. The exported signatures pad each image up to such a size and crop the answer.
+  `input_stride` x 2**depth. The exported signatures pad each image up to such a size and
+  crop the answer.
 
 Exported signatures (see `_signatures`):
 - `serving_default`: `examples` [N] tf.string serialized tf.Examples (only `image` is read)
   -> `probabilities` [N, H, W, C] float32. The examples of one call must hold images of the
   same size (they are stacked into one batch).
-- `serving_images`: `images` [N, H, W] float32 raw (unstandardised) images
-  -> `probabilities` [N, H, W, C] float32.
+- `serving_images`: `images` [N, H, W] float32 raw (unstandardised) images, each
+  standardised by itself -> `probabilities` [N, H, W, C] float32.
+- `serving_standardised`: `images` [N, H, W] float32 already standardised (the model's own
+  input, as training sees it) -> `probabilities` [N, H, W, C] float32. For tiles of a larger
+  frame (`components/segmentation/tiling.py`): the frame is standardised once as a whole, as
+  a training image is before it is tiled; `serving_images` would scale every tile by its own
+  statistics instead, so overlapping tiles would disagree about the same pixels.
 """
 
 from __future__ import annotations
@@ -57,6 +69,8 @@ PROBABILITIES = "probabilities"
 IMAGE_INPUT = "image"  # the Keras model's input: [N, H, W, 1] standardised images
 SERVING_EXAMPLES = "examples"
 SERVING_IMAGES = "images"
+SERVING_IMAGES_SIGNATURE = "serving_images"
+SERVING_STANDARDISED_SIGNATURE = "serving_standardised"
 PSEUDO_LABEL_OK = "ok"  # components/pseudo_labels/executor.STATUS_OK
 DICE_SMOOTH = 1.0
 BCE_EPSILON = 1e-7
@@ -66,19 +80,28 @@ BCE_EPSILON = 1e-7
 class SegmenterConfig:
     """U-Net size and training settings; `from_custom_config` reads the Trainer's custom_config."""
 
-    tile_size: int = 128  # training and validation tiles, pixels; divisible by 2**depth
+    tile_size: int = 128  # training and validation tiles, pixels; divisible by `multiple`
     base_filters: int = 16  # filters of the first level; doubled at every level down
     depth: int = 3  # number of 2x poolings
+    # The image is averaged over input_stride x input_stride pixels before the U-Net and its
+    # answer enlarged back (bilinear): the probe blurs over several pixels (sigma about 2 at
+    # 20 pm), so 2 loses almost nothing, makes every step 4 times cheaper and doubles what a
+    # pixel of the answer sees (a planar defect is a long band).
+    input_stride: int = 2
     epochs: int = 25
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+    batch_size: int = 32
+    learning_rate: float = 3e-3  # at the start; decays along a cosine over the epochs
     dice_weight: float = 1.0
-    positive_weight: float = 5.0  # BCE weight of a defect pixel (background: 1)
-    shuffle_buffer: int = 256  # decoded images held for shuffling in training
+    positive_weight: float = 3.0  # BCE weight of a defect pixel (background: 1)
+    shuffle_buffer: int = 256  # decoded images (and as many tiles) held for shuffling
     skip_no_lattice: bool = True  # leave out examples the pseudo-labeller found no lattice in
+    tiles_per_image: int = 8  # random training tiles cut from every image per epoch
+    defect_tile_fraction: float = 0.5  # share of training tiles centred on a pseudo-defect
+    prior_probability: float = 0.01  # the sigmoid's starting output (defect pixels are rare)
 
     def __post_init__(self):
-        for name in ("tile_size", "base_filters", "depth", "epochs", "batch_size", "shuffle_buffer"):
+        for name in ("tile_size", "base_filters", "depth", "epochs", "batch_size", "shuffle_buffer",
+                     "tiles_per_image", "input_stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"segmenter option {name} must be a positive integer, "
                                  f"got {getattr(self, name)!r}")
@@ -87,14 +110,20 @@ class SegmenterConfig:
                 raise ValueError(f"segmenter option {name} must be positive, got {getattr(self, name)!r}")
         if not float(self.dice_weight) >= 0:
             raise ValueError(f"segmenter option dice_weight must be >= 0, got {self.dice_weight!r}")
-        if self.tile_size % (2 ** self.depth):
-            raise ValueError(f"tile_size {self.tile_size} is not divisible by 2**depth = "
-                             f"{2 ** self.depth}")
+        if not 0.0 <= float(self.defect_tile_fraction) <= 1.0:
+            raise ValueError(f"segmenter option defect_tile_fraction must lie in [0, 1], "
+                             f"got {self.defect_tile_fraction!r}")
+        if not 0.0 < float(self.prior_probability) < 1.0:
+            raise ValueError(f"segmenter option prior_probability must lie in (0, 1), "
+                             f"got {self.prior_probability!r}")
+        if self.tile_size % self.multiple:
+            raise ValueError(f"tile_size {self.tile_size} is not divisible by input_stride x "
+                             f"2**depth = {self.multiple}")
 
     @property
     def multiple(self) -> int:
         """Heights and widths the network takes are multiples of this."""
-        return 2 ** self.depth
+        return int(self.input_stride) * 2 ** int(self.depth)
 
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Dict[str, Any]]) -> "SegmenterConfig":
@@ -117,10 +146,12 @@ def bce_dice_loss(positive_weight: float = 5.0, dice_weight: float = 1.0):
     """loss(y_true, y_pred) on [N, H, W, C] masks and sigmoid outputs -> one scalar per batch.
 
     Weighted binary cross-entropy (mean over pixels and classes, defect pixels weighted by
-    `positive_weight`) plus `dice_weight` x mean over classes of (1 - soft Dice), Dice pooled
-    over the batch's pixels: (2 sum(y p) + s) / (sum(y) + sum(p) + s) with s = DICE_SMOOTH,
-    so a class absent from the batch scores 1 when nothing is predicted for it and is never
-    a division by zero.
+    `positive_weight`) plus `dice_weight` x the mean of (1 - soft Dice) over the classes the
+    batch's masks mark (none: no Dice term), Dice pooled over the batch's pixels:
+    (2 sum(y p) + s) / (sum(y) + sum(p) + s) with s = DICE_SMOOTH. An absent class is left to
+    the cross-entropy: its Dice, 1 / (sum(p) + s), would cost almost a whole point for the
+    faint output a rare class starts with, and push every output to 0 before anything is
+    learnt.
     """
     positive_weight = float(positive_weight)
     dice_weight = float(dice_weight)
@@ -133,22 +164,29 @@ def bce_dice_loss(positive_weight: float = 5.0, dice_weight: float = 1.0):
                               + (1.0 - y_true) * tf.math.log(1.0 - p))
         axes = tf.range(tf.rank(y_pred) - 1)  # every axis but the class channel
         intersection = tf.reduce_sum(y_true * y_pred, axis=axes)
-        total = tf.reduce_sum(y_true, axis=axes) + tf.reduce_sum(y_pred, axis=axes)
-        dice = (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
-        return bce + dice_weight * tf.reduce_mean(1.0 - dice)
+        marked = tf.reduce_sum(y_true, axis=axes)
+        predicted = tf.reduce_sum(y_pred, axis=axes)
+        dice = (2.0 * intersection + DICE_SMOOTH) / (marked + predicted + DICE_SMOOTH)
+        present = tf.cast(marked > 0, tf.float32)
+        mean_dice_loss = tf.reduce_sum(present * (1.0 - dice)) / tf.maximum(tf.reduce_sum(present), 1.0)
+        return bce + dice_weight * mean_dice_loss
 
     return bce_dice
 
 
 def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) -> keras.Model:
     """U-Net: (conv-BN-ReLU) x 2 per level, max-pool down, transposed conv up, skip
-    concatenation, a 1x1 sigmoid convolution with one channel per class; compiled.
+    concatenation, a 1x1 convolution with one channel per class, then a sigmoid; compiled.
+    With `input_stride` s > 1 the U-Net works on the image averaged over s x s pixels and
+    its logits are enlarged back bilinearly.
 
-    Input [N, H, W, 1] (named "image"), any H and W divisible by 2**config.depth (otherwise
+    Input [N, H, W, 1] (named "image"), any H and W divisible by config.multiple (otherwise
     the skip concatenation fails); output [N, H, W, num_classes] named "probabilities".
     """
     inputs = keras.Input((None, None, 1), name=IMAGE_INPUT)
     x = inputs
+    if config.input_stride > 1:
+        x = keras.layers.AveragePooling2D(config.input_stride, name="stem")(x)
     skips = []
     for level in range(config.depth):
         x = _conv_block(x, config.base_filters * 2 ** level, f"down{level}")
@@ -160,8 +198,16 @@ def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) ->
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"up{level}")(x)
         x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
         x = _conv_block(x, filters, f"dec{level}")
-    outputs = keras.layers.Conv2D(num_classes, 1, activation="sigmoid", dtype="float32",
-                                  name=PROBABILITIES)(x)
+    # Starting at the prior instead of 0.5 spares the first hundreds of steps (all a short
+    # CPU run has) the walk of every pixel's output down from 0.5 to the rare-defect level.
+    prior_logit = float(np.log(config.prior_probability / (1.0 - config.prior_probability)))
+    x = keras.layers.Conv2D(num_classes, 1, dtype="float32",
+                            bias_initializer=keras.initializers.Constant(prior_logit),
+                            name="logits")(x)
+    if config.input_stride > 1:
+        x = keras.layers.UpSampling2D(config.input_stride, interpolation="bilinear",
+                                      name="enlarge")(x)
+    outputs = keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITIES)(x)
     model = keras.Model(inputs, outputs, name="unet")
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
@@ -196,10 +242,38 @@ def parse_example(serialized: tf.Tensor):
     return standardise(image[..., tf.newaxis]), mask, usable
 
 
-def cut_tile(image: tf.Tensor, mask: tf.Tensor, tile: int, training: bool):
+def _tile_origin(mask: tf.Tensor, tile: int, defect_fraction: float) -> tf.Tensor:
+    """(row, column) of a random tile of a square mask [side, side, C], side >= tile.
+
+    With probability `defect_fraction`, when the mask marks anything, the tile is centred
+    (give or take a quarter tile) on a marked pixel of a class drawn evenly from those
+    present: a point defect covers 1e-4 of an image, so uniform tiles would show the
+    network one in thousands of pixels, and a planar band would crowd out the points.
+    """
+    room = tf.shape(mask)[0] - tile
+    uniform = tf.random.uniform([2], 0, room + 1, tf.int32)
+    if not defect_fraction:
+        return uniform
+    present = tf.reduce_any(mask > 0, axis=[0, 1])
+
+    def on_a_defect():
+        logits = tf.where(present, 0.0, -np.inf)[tf.newaxis]
+        channel = tf.random.categorical(logits, 1, dtype=tf.int32)[0, 0]
+        pixels = tf.cast(tf.where(mask[..., channel] > 0), tf.int32)
+        pixel = pixels[tf.random.uniform([], 0, tf.shape(pixels)[0], tf.int32)]
+        jitter = tf.random.uniform([2], -(tile // 4), tile // 4 + 1, tf.int32)
+        return tf.clip_by_value(pixel - tile // 2 + jitter, 0, room)
+
+    centred = tf.logical_and(tf.reduce_any(present), tf.random.uniform([]) < defect_fraction)
+    return tf.cond(centred, on_a_defect, lambda: uniform)
+
+
+def cut_tile(image: tf.Tensor, mask: tf.Tensor, tile: int, training: bool,
+             defect_fraction: float = 0.0):
     """(image [H, W, 1], mask [H, W, C]) -> ([tile, tile, 1], [tile, tile, C] float32).
 
-    The central square of the image; in training a random tile of it, turned by a random
+    The central square of the image; in training a random tile of it (centred on a marked
+    pixel with probability `defect_fraction`, see `_tile_origin`), turned by a random
     multiple of 90 degrees and mirrored at random (image and mask together); otherwise its
     central tile. Zero-padded (centred) where the square is smaller than the tile.
     """
@@ -210,7 +284,8 @@ def cut_tile(image: tf.Tensor, mask: tf.Tensor, tile: int, training: bool):
     if training:
         side = tf.maximum(side, tile)
         square = tf.image.resize_with_crop_or_pad(stack, side, side)
-        stack = tf.image.random_crop(square, [tile, tile, 1 + channels])
+        row, column = tf.unstack(_tile_origin(square[..., 1:], tile, defect_fraction))
+        stack = square[row:row + tile, column:column + tile]
         stack = tf.image.rot90(stack, tf.random.uniform([], 0, 4, tf.int32))
         stack = tf.image.random_flip_left_right(stack)
     else:
@@ -220,10 +295,10 @@ def cut_tile(image: tf.Tensor, mask: tf.Tensor, tile: int, training: bool):
     return stack[..., :1], stack[..., 1:]
 
 
-def decode_example(serialized: tf.Tensor, tile: int, training: bool):
+def decode_example(serialized: tf.Tensor, tile: int, training: bool, defect_fraction: float = 0.0):
     """One serialized example -> (image tile [tile, tile, 1], pseudo-mask tile [tile, tile, C])."""
     image, mask, _ = parse_example(serialized)
-    return cut_tile(image, mask, tile, training)
+    return cut_tile(image, mask, tile, training, defect_fraction)
 
 
 def _files(file_pattern: Union[str, Sequence[str]]) -> list:
@@ -238,7 +313,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]], config: SegmenterConfi
                  training: bool) -> tf.data.Dataset:
     """Batches of (image [B, tile, tile, 1], pseudo-mask [B, tile, tile, C]) from GZIP
     TFRecords of contract examples (a glob pattern or a list of them, as TFX's
-    fn_args.train_files); shuffled, randomly tiled and augmented when training."""
+    fn_args.train_files). In training: shuffled, `tiles_per_image` random augmented tiles
+    cut from every image (each image is decoded once for all of them), the tiles shuffled
+    again so that a batch mixes images; otherwise one central tile per image."""
     files = _files(file_pattern)
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:
@@ -250,8 +327,14 @@ def make_dataset(file_pattern: Union[str, Sequence[str]], config: SegmenterConfi
         dataset = dataset.filter(lambda image, mask, usable: usable)
     if training:
         dataset = dataset.shuffle(config.shuffle_buffer, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda image, mask, usable: cut_tile(image, mask, config.tile_size, training),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+        if config.tiles_per_image > 1:
+            dataset = dataset.flat_map(lambda *example: tf.data.Dataset.from_tensors(example)
+                                       .repeat(config.tiles_per_image))
+    dataset = dataset.map(lambda image, mask, usable: cut_tile(
+        image, mask, config.tile_size, training, config.defect_tile_fraction),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    if training and config.tiles_per_image > 1:
+        dataset = dataset.shuffle(config.shuffle_buffer, reshuffle_each_iteration=True)
     return dataset.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -259,14 +342,20 @@ def make_dataset(file_pattern: Union[str, Sequence[str]], config: SegmenterConfi
 # Export
 
 
-def predict_images(model: keras.Model, images: tf.Tensor, multiple: int) -> tf.Tensor:
-    """Raw images [N, H, W] -> probabilities [N, H, W, C]: each image standardised, padded
-    with zeros at the bottom and right to a multiple of `multiple`, the answer cropped back."""
+def predict_standardised(model: keras.Model, images: tf.Tensor, multiple: int) -> tf.Tensor:
+    """Standardised images [N, H, W] -> probabilities [N, H, W, C]: padded with zeros at the
+    bottom and right to a multiple of `multiple`, the answer cropped back."""
     images = tf.cast(images, tf.float32)
     height, width = tf.shape(images)[1], tf.shape(images)[2]
-    x = tf.map_fn(standardise, images[..., tf.newaxis])
-    x = tf.pad(x, [[0, 0], [0, (-height) % multiple], [0, (-width) % multiple], [0, 0]])
+    x = tf.pad(images[..., tf.newaxis],
+               [[0, 0], [0, (-height) % multiple], [0, (-width) % multiple], [0, 0]])
     return model(x, training=False)[:, :height, :width, :]
+
+
+def predict_images(model: keras.Model, images: tf.Tensor, multiple: int) -> tf.Tensor:
+    """Raw images [N, H, W] -> probabilities [N, H, W, C], each image standardised by itself."""
+    standardised = tf.map_fn(standardise, tf.cast(images, tf.float32)[..., tf.newaxis])[..., 0]
+    return predict_standardised(model, standardised, multiple)
 
 
 def _signatures(model: keras.Model, config: SegmenterConfig) -> Dict[str, Any]:
@@ -284,7 +373,23 @@ def _signatures(model: keras.Model, config: SegmenterConfig) -> Dict[str, Any]:
     def serve_images(images):
         return {PROBABILITIES: predict_images(model, images, multiple)}
 
-    return {"serving_default": serve, "serving_images": serve_images}
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name=SERVING_IMAGES)])
+    def serve_standardised(images):
+        return {PROBABILITIES: predict_standardised(model, images, multiple)}
+
+    return {"serving_default": serve, SERVING_IMAGES_SIGNATURE: serve_images,
+            SERVING_STANDARDISED_SIGNATURE: serve_standardised}
+
+
+def learning_rate_schedule(config: SegmenterConfig) -> keras.callbacks.Callback:
+    """Cosine decay of the learning rate from `learning_rate` towards 0 over the epochs: a
+    short run ends on a settled model instead of wherever the last noisy steps left it."""
+    epochs = int(config.epochs)
+
+    def rate(epoch, _):
+        return float(config.learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / epochs)))
+
+    return keras.callbacks.LearningRateScheduler(rate)
 
 
 def run_fn(fn_args) -> None:
@@ -293,15 +398,17 @@ def run_fn(fn_args) -> None:
     train = make_dataset(fn_args.train_files, config, training=True)
     validation = make_dataset(fn_args.eval_files, config, training=False)
     model = build_unet(len(DEFECT_CLASSES), config)
-    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=2)
+    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=2,
+                        callbacks=[learning_rate_schedule(config)])
 
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=_signatures(model, config))
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
-    record = dict(history.history, config=[dataclasses.asdict(config)], classes=[list(DEFECT_CLASSES)])
+    curves = {name: [float(value) for value in values] for name, values in history.history.items()}
+    record = dict(curves, config=[dataclasses.asdict(config)], classes=[list(DEFECT_CLASSES)])
     with open(os.path.join(fn_args.model_run_dir, "history.json"), "w") as handle:
         json.dump(record, handle, indent=1)
     plots.training_curves(
-        history.history, os.path.join(fn_args.model_run_dir, "training_curves.png"),
+        curves, os.path.join(fn_args.model_run_dir, "training_curves.png"),
         title=(f"U-Net segmenter (depth {config.depth}, {config.base_filters} filters, "
                f"{config.tile_size} px tiles) on pseudo-labels"))
 

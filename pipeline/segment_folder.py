@@ -31,12 +31,15 @@ output file that already exists, unless `--overwrite` is given.
 Exit status: 0 when every file was segmented, 1 when some could not be (or there were none),
 2 for a usage error or an output file that already exists.
 
-The model: a TF SavedModel whose signature `serving_images` takes a float32 [N, H, W] batch
-named `images` and returns `probabilities` [N, H, W, C] (`load_predictor`). Everything else
-works with any `predict_batch` callable, so `main(argv, predictor=...)` runs without a model.
-Each frame is standardised as a whole before it is tiled (`--no-standardise` feeds raw
-intensities); a model that standardises every image it is given again does so per tile, which
-undoes that (see `components/segmentation/tiling.py`).
+The model: a TF SavedModel whose signature `serving_standardised` takes a float32 [N, H, W]
+batch of already standardised tiles named `images` and returns `probabilities` [N, H, W, C]
+(`load_predictor`). Each frame is standardised once, as a whole, before it is tiled, as a
+training image is before its tiles are cut (`--no-standardise`: the files hold standardised
+frames already); the model must not standardise each tile again by its own statistics (see
+`components/segmentation/tiling.py`). A model exported before that signature existed has
+only `serving_images`, which does exactly that: it is still used, with a warning.
+Everything else works with any `predict_batch` callable, so `main(argv, predictor=...)` runs
+without a model.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ import numpy as np
 from components.defects import DEFECT_CLASSES
 from components.segmentation.tiling import PredictorOutputError, predict_tiled
 
-SIGNATURE = "serving_images"
+SIGNATURE = "serving_standardised"
+# Older exports: standardises every tile by itself (the frame's standardisation is then lost).
+PER_TILE_SIGNATURE = "serving_images"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 EXTENSIONS = (".tif", ".tiff", ".png", ".npy")
@@ -70,21 +75,30 @@ class OutputExists(Exception):
 
 
 def load_predictor(model_dir: str) -> PredictBatch:
-    """predict_batch of a SavedModel: float32 (N, H, W) -> float32 (N, H, W, C) probabilities,
-    through its `serving_images` signature."""
+    """predict_batch of a SavedModel: float32 (N, H, W) standardised tiles -> float32
+    (N, H, W, C) probabilities, through its `serving_standardised` signature, or (with a
+    warning on stderr) the per-tile standardising `serving_images` of an older export."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
 
     model = tf.saved_model.load(model_dir)
-    if SIGNATURE not in model.signatures:
+    if SIGNATURE in model.signatures:
+        name = SIGNATURE
+    elif PER_TILE_SIGNATURE in model.signatures:
+        name = PER_TILE_SIGNATURE
+        print(f"warning: the SavedModel at {model_dir} has no {SIGNATURE!r} signature (an "
+              f"older export); its {PER_TILE_SIGNATURE!r} standardises every tile by itself, so "
+              f"overlapping tiles may disagree: export it again", file=sys.stderr)
+    else:
         raise ValueError(f"the SavedModel at {model_dir} has no signature {SIGNATURE!r} "
-                         f"(it has: {', '.join(sorted(model.signatures)) or 'none'})")
-    serve = model.signatures[SIGNATURE]
+                         f"(nor {PER_TILE_SIGNATURE!r}; it has: "
+                         f"{', '.join(sorted(model.signatures)) or 'none'})")
+    serve = model.signatures[name]
 
     def predict_batch(images: np.ndarray) -> np.ndarray:
         answer = serve(**{INPUT_NAME: tf.constant(images, tf.float32)})
         if OUTPUT_NAME not in answer:
-            raise PredictorOutputError(f"signature {SIGNATURE!r} of {model_dir} returned "
+            raise PredictorOutputError(f"signature {name!r} of {model_dir} returned "
                                        f"{sorted(answer)}, not {OUTPUT_NAME!r}")
         return answer[OUTPUT_NAME].numpy()
 
@@ -282,7 +296,8 @@ def parse_args(argv: Optional[Sequence[str]], need_model: bool) -> argparse.Name
     parser.add_argument("--heatmaps", action="store_true",
                         help="also write <stem>_combined.png and <stem>_per_class.png")
     parser.add_argument("--no-standardise", dest="standardise", action="store_false",
-                        help="feed raw intensities (default: standardise each whole frame)")
+                        help="the frames are standardised already (default: standardise each "
+                             "whole frame once)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     if args.tile < 1 or not 0 <= args.overlap < args.tile or args.batch_size < 1:

@@ -9,6 +9,7 @@ import tifffile
 from PIL import Image
 
 from components.defects import DEFECT_CLASSES
+from components.segmentation.tiling import predict_tiled
 from pipeline import segment_folder
 
 C = len(DEFECT_CLASSES)
@@ -135,23 +136,70 @@ def test_a_predictor_with_the_wrong_classes_stops_the_command(folder, tmp_path, 
     assert "does not fit" in capsys.readouterr().err
 
 
-def test_load_predictor_calls_the_serving_images_signature(tmp_path):
+def test_load_predictor_calls_the_serving_standardised_signature(tmp_path, capsys):
     tf = pytest.importorskip("tensorflow")
 
     class Model(tf.Module):
+        """Two signatures that answer differently, so the one called shows."""
+
         @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32,
                                                     name="images")])
-        def serve(self, images):
+        def as_given(self, images):
             steps = tf.range(C, dtype=tf.float32) / 2
             return {"probabilities": tf.sigmoid(8 * (images[..., None] - steps))}
 
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32,
+                                                    name="images")])
+        def per_tile(self, images):
+            mean, variance = tf.nn.moments(images, axes=[1, 2], keepdims=True)
+            return self.as_given((images - mean) / tf.sqrt(variance + 1e-6))
+
     model = Model()
     tf.saved_model.save(model, str(tmp_path / "model"),
-                        signatures={"serving_images": model.serve})
+                        signatures={"serving_standardised": model.as_given,
+                                    "serving_images": model.per_tile})
     predict_batch = segment_folder.load_predictor(str(tmp_path / "model"))
-    tiles = np.random.default_rng(4).normal(size=(3, 64, 64)).astype(np.float32)
+    tiles = (np.random.default_rng(4).normal(size=(3, 64, 64)) * 0.5 + 1).astype(np.float32)
     np.testing.assert_allclose(predict_batch(tiles), fake_predictor(tiles), atol=1e-5)
+    assert capsys.readouterr().err == ""
 
-    tf.saved_model.save(model, str(tmp_path / "other"), signatures={"other": model.serve})
-    with pytest.raises(ValueError, match="serving_images"):
+    # An older export without it: its per-tile signature, with a warning that says so.
+    tf.saved_model.save(model, str(tmp_path / "old"), signatures={"serving_images": model.per_tile})
+    predict_batch = segment_folder.load_predictor(str(tmp_path / "old"))
+    standardised = (tiles - tiles.mean(axis=(1, 2), keepdims=True)) / tiles.std(axis=(1, 2),
+                                                                                 keepdims=True)
+    np.testing.assert_allclose(predict_batch(tiles), fake_predictor(standardised), atol=1e-4)
+    assert "serving_standardised" in capsys.readouterr().err
+
+    tf.saved_model.save(model, str(tmp_path / "other"), signatures={"other": model.as_given})
+    with pytest.raises(ValueError, match="serving_standardised"):
         segment_folder.load_predictor(str(tmp_path / "other"))
+
+
+def test_an_exported_unet_sees_tiles_of_one_standardised_frame(tmp_path):
+    """Through load_predictor the tiles of a frame reach the U-Net as cut from the frame
+    standardised once, so the tiled answer is the whole frame's answer (up to the tile
+    borders' context); the per-tile `serving_images` rescales each tile and is far off."""
+    tf = pytest.importorskip("tensorflow")
+    from modules import segmenter
+
+    config = segmenter.SegmenterConfig(tile_size=32, base_filters=4, depth=2, input_stride=2)
+    model = segmenter.build_unet(C, config)
+    tf.saved_model.save(model, str(tmp_path / "unet"), signatures=segmenter._signatures(model, config))
+    rng = np.random.default_rng(6)
+    # Tiles of a frame with a strong gradient have very different means and spreads.
+    frame = (np.add.outer(np.linspace(0, 40, 160), np.linspace(0, 20, 128))
+             + rng.normal(size=(160, 128))).astype(np.float32)
+    standardised = (frame - frame.mean()) / frame.std()
+    whole = model(standardised[None, ..., None], training=False).numpy()[0]
+    whole = np.moveaxis(whole, -1, 0)
+    tiled = predict_tiled(frame, segment_folder.load_predictor(str(tmp_path / "unet")),
+                          tile=64, overlap=32, batch_size=4)
+    per_tile_model = tf.saved_model.load(str(tmp_path / "unet")).signatures["serving_images"]
+    per_tile = predict_tiled(
+        frame, lambda tiles: per_tile_model(images=tf.constant(tiles))["probabilities"].numpy(),
+        tile=64, overlap=32, batch_size=4)
+    inner = (slice(None), slice(16, -16), slice(16, -16))
+    error = np.abs(tiled - whole)[inner].mean()
+    per_tile_error = np.abs(per_tile - whole)[inner].mean()
+    assert error < 0.2 * per_tile_error, (error, per_tile_error)

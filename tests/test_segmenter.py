@@ -56,14 +56,28 @@ def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
         segmenter.SegmenterConfig.from_custom_config({"tile_sise": 64})
     with pytest.raises(ValueError, match="divisible"):
         segmenter.SegmenterConfig(tile_size=36, depth=3)
+    for bad in (dict(tiles_per_image=0), dict(defect_tile_fraction=1.5),
+                dict(defect_tile_fraction=-0.1), dict(prior_probability=0.0),
+                dict(prior_probability=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            segmenter.SegmenterConfig(**bad)
 
 
-@pytest.mark.parametrize("height, width", [(20, 36), (44, 12)])
-def test_unet_takes_any_multiple_of_two_to_the_depth(height, width):
-    model = segmenter.build_unet(C, tiny())
+def test_the_network_starts_at_the_prior_not_at_one_half():
+    model = segmenter.build_unet(C, tiny(prior_probability=0.02))
+    out = model(np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)).numpy()
+    # The last layer's weights are random, so the output scatters around the prior.
+    assert 0.005 < np.median(out) < 0.08
+
+
+@pytest.mark.parametrize("height, width, stride", [(20, 36, 1), (44, 12, 1), (24, 40, 2)])
+def test_unet_takes_any_multiple_of_the_stride_times_two_to_the_depth(height, width, stride):
+    model = segmenter.build_unet(C, tiny(input_stride=stride))
     out = model(np.random.default_rng(1).normal(size=(2, height, width, 1)).astype(np.float32)).numpy()
-    assert out.shape == (2, height, width, C)
+    assert out.shape == (2, height, width, C)  # the full resolution, whatever the stride
     assert np.all((out >= 0) & (out <= 1))
+    with pytest.raises(ValueError, match="divisible"):
+        tiny(input_stride=3)  # 32 is no multiple of 3 x 4
 
 
 def test_loss_prefers_the_right_answer_and_is_finite_without_defects():
@@ -78,6 +92,19 @@ def test_loss_prefers_the_right_answer_and_is_finite_without_defects():
     nothing = np.zeros_like(mask)
     assert math.isfinite(float(loss(nothing, nothing))) and float(loss(nothing, nothing)) < 0.01
     assert math.isfinite(float(loss(nothing, np.full_like(mask, 0.5))))
+
+
+def test_dice_is_averaged_over_the_classes_the_batch_marks_only():
+    """A class absent from a batch adds no Dice term (its weak predictions would otherwise
+    cost up to a whole Dice point each, which drives every output to zero)."""
+    dice_only = segmenter.bce_dice_loss(positive_weight=1.0, dice_weight=1.0)
+    bce_only = segmenter.bce_dice_loss(positive_weight=1.0, dice_weight=0.0)
+    mask = np.zeros((1, 16, 16, C), np.float32)
+    mask[0, 4:8, 4:8, 0] = 1
+    faint = mask.copy()
+    faint[..., 1:] = 0.05  # a faint answer for the five absent classes
+    dice = float(dice_only(mask, faint)) - float(bce_only(mask, faint))
+    assert dice == pytest.approx(1 - (2 * 16 + 1) / (16 + 16 + 1), abs=1e-4)  # class 0 only
 
 
 def test_validation_batches_are_the_central_pseudo_mask_never_mask_true(tmp_path):
@@ -127,6 +154,26 @@ def test_training_tiles_are_augmented_together_and_never_read_mask_true(tmp_path
     assert len(seen_positions) > 3  # random crops move the square around
 
 
+def test_several_tiles_per_image_and_tiles_centred_on_defects(tmp_path):
+    tf.random.set_seed(4)
+    # A 4 x 4 square in one corner of a 96-pixel image: a uniform 32-pixel tile holds it
+    # entirely in one crop position of 65 x 65 and partly in some 1300 of 4225.
+    micrographs = [micrograph((96, 96), square=(2, 6, 2, 6), channel=0, seed=i) for i in range(5)]
+    pattern = write(str(tmp_path / "Split-train" / "data.gz"), micrographs)
+
+    def tiles(**changes):
+        return [mask for _, masks in batches(pattern, tiny(batch_size=4, **changes), True)
+                for mask in masks]
+
+    uniform = tiles(tiles_per_image=8, defect_tile_fraction=0.0)
+    assert len(uniform) == 40  # 8 tiles of each of the 5 images in one epoch
+    centred = tiles(tiles_per_image=8, defect_tile_fraction=1.0)
+    assert len(centred) == 40
+    # every centred tile holds the defect, and the whole of it (jitter <= a quarter tile)
+    assert all(mask.sum() == 16 for mask in centred)
+    assert np.mean([mask.sum() > 0 for mask in uniform]) < 0.6
+
+
 def test_examples_without_a_lattice_are_skipped_unless_asked(tmp_path):
     micrographs = [micrograph(seed=0), micrograph(seed=1, status="no_lattice: no peaks")]
     pattern = write(str(tmp_path / "Split-eval" / "data.gz"), micrographs)
@@ -146,7 +193,8 @@ def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
         eval_files=[str(tmp_path / "examples" / "Split-eval" / "*.gz")],
         serving_model_dir=str(tmp_path / "serving"),
         model_run_dir=str(tmp_path / "run"),
-        custom_config=dict(TINY, epochs=1, code_fingerprint="test"),
+        custom_config=dict(TINY, epochs=1, input_stride=2, tiles_per_image=2,
+                           defect_tile_fraction=0.5, code_fingerprint="test"),
     )
     segmenter.run_fn(fn_args)
 
@@ -158,16 +206,25 @@ def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
     serialized = [contract.to_example(one).SerializeToString() for one in evaluation]
     by_examples = loaded.signatures["serving_default"](examples=tf.constant(serialized))
     assert by_examples[segmenter.PROBABILITIES].shape == (2, 40, 40, C)
-    # 38 x 42 is not a multiple of 2**depth = 4: padded and cropped back
+    # 38 x 42 is not a multiple of input_stride x 2**depth = 8: padded and cropped back
     odd = np.random.default_rng(5).normal(size=(3, 38, 42)).astype(np.float32)
     by_images = loaded.signatures["serving_images"](images=tf.constant(odd))
     probabilities = by_images[segmenter.PROBABILITIES].numpy()
     assert probabilities.shape == (3, 38, 42, C)
     assert np.all((probabilities >= 0) & (probabilities <= 1))
     # the two signatures agree on the same images
-    same = loaded.signatures["serving_images"](images=tf.constant(np.stack([m.image for m in evaluation])))
+    raw = np.stack([m.image for m in evaluation])
+    same = loaded.signatures["serving_images"](images=tf.constant(raw))
     np.testing.assert_allclose(same[segmenter.PROBABILITIES].numpy(),
                                by_examples[segmenter.PROBABILITIES].numpy(), atol=1e-5)
+    # serving_standardised takes the standardised images as they are: the same answer for
+    # images standardised beforehand, another one for raw images (no second standardisation)
+    standardised = (raw - raw.mean(axis=(1, 2), keepdims=True)) / raw.std(axis=(1, 2), keepdims=True)
+    as_given = loaded.signatures["serving_standardised"]
+    np.testing.assert_allclose(as_given(images=tf.constant(standardised))[segmenter.PROBABILITIES],
+                               same[segmenter.PROBABILITIES].numpy(), atol=1e-4)
+    assert np.abs(as_given(images=tf.constant(raw))[segmenter.PROBABILITIES].numpy()
+                  - same[segmenter.PROBABILITIES].numpy()).max() > 1e-3
 
 
 def test_mask_scores_adds_f1_to_the_pseudo_label_quality():

@@ -25,7 +25,10 @@ with a smooth window, so the result has no seams at the tile borders.
   boundary or a bright defect in it is scaled differently from its neighbour), so overlapping
   predictions would disagree and the blend would show it; it would also hide a region's
   contrast relative to the rest of the frame. A model that itself standardises each input
-  image undoes this, tile by tile: it should not, when it is used through this function.
+  image undoes this, tile by tile (standardisation ignores any earlier shift and scale), so
+  the predictor must feed the tiles to the network as they are: the U-Net's
+  `serving_standardised` signature (`modules/segmenter.py`), not its `serving_images`. This
+  is also what the network was trained on: whole images standardised, then tiled.
 - Memory. Only the output accumulators (C x H x W float32 for the weighted sum, H x W float32
   for the weights; the sum is normalised in place and returned) and one batch of tiles and its
   predictions are held. Tiles are generated lazily, batch by batch; the frame is never copied
