@@ -29,9 +29,9 @@ def _names_covering_every_split(count):
     return names
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("micrographs")
+def write_micrograph_folder(root):
+    """Eight good unlabelled files (DM3 and TIFF) and a corpus of broken ones under `root`;
+    returns {relative path: quarantine reason} of the broken ones."""
     for index, name in enumerate(_names_covering_every_split(8)):
         image = lattice_image(size=96, seed=index, label="vacancy" if index % 2 else "bulk")
         if name.endswith(".dm3"):
@@ -40,10 +40,21 @@ def run(tmp_path_factory):
             write_tiff_imagej(root / name, image, 20.0)
     broken = root / "broken"
     broken.mkdir()
-    expected = {f"broken/{name}": reason for name, reason in write_broken_corpus(broken).items()}
-    config = load_config("test", output_dir=str(tmp_path_factory.mktemp("real"))).replace(
+    return {f"broken/{name}": reason for name, reason in write_broken_corpus(broken).items()}
+
+
+def real_folder_config(root, output_dir):
+    """The test profile on the folder at `root`, unlabelled."""
+    return load_config("test", output_dir=str(output_dir)).replace(
         pipeline_name="stem-defects-real-test", materials=("SrTiO3",),
         micrographs=dict(root=str(root), material="SrTiO3"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micrographs")
+    expected = write_micrograph_folder(root)
+    config = real_folder_config(root, tmp_path_factory.mktemp("real"))
     tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
     return config, expected
 
