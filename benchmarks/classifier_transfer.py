@@ -1,15 +1,18 @@
 """Classifier accuracy on a held-out test split, and what the synthetic-pretrained backbone buys.
 
     nice -n 10 .venv/bin/python benchmarks/classifier_transfer.py [--images 480]
-        [--transfer-images 400] [--parts default transfer] [--out PATH]
+        [--transfer-images 400] [--parts default transfer] [--no-teacher-features]
+        [--learning-rate 1e-3] [--out PATH]
     .venv/bin/python benchmarks/classifier_transfer.py --table-only [PATH]
 
 Both parts prepare their images with modules.pretrain.build_corpus, which runs the
 simulator, the lattice pseudo-labeller and Transform's own model_input exactly as the
-pipeline does, and split them as the pipeline's SyntheticStemGen does: 70:20:10 by each
-(material, label) pair's occurrence (executor.split_pattern / split_of). Training follows
-modules/classifier.py's run_fn: classifier.build_model on the sorted label vocabulary of the
-data, batch 32, 25 epochs, constant learning rate, the orientation augmentation on the
+pipeline does (with --teacher-features, the default, also Transform's teacher_vector of each
+image's mask_pseudo, which the classifier reads beside the backbone's pooled features), and
+split them as the pipeline's SyntheticStemGen does: 70:20:10 by each (material, label) pair's
+occurrence (executor.split_pattern / split_of). Training follows modules/classifier.py's
+run_fn: classifier.build_model on the sorted label vocabulary of the data, batch 32, 25
+epochs, constant learning rate (--learning-rate), the orientation augmentation on the
 orientation-free labels, the eval split as validation data. No model selection: the model
 after the last epoch is scored once on the test split, which neither training nor
 validation saw.
@@ -18,8 +21,10 @@ validation saw.
     pixel size 18 to 22 pm, 256 x 256), both materials, every label each has, --images
     images (480 like the demo) from --seed (the pipeline's 20261125); fine-tuned from the
     shipped synthetic-pretrained backbone (last 40 layers). Reports test accuracy per
-    material and overall (with a 95 % Wilson interval), confusion matrices, accuracy per
-    material by dose tercile (log-spaced thirds of the dose range), training images/s
+    material and overall (with a 95 % Wilson interval), confusion matrices, the teacher's own
+    rule on the same test images (the class whose mask_pseudo marks the largest area, bulk
+    when it marks nothing; no training), accuracy per material by dose tercile (log-spaced
+    thirds of the dose range), training images/s
     (train images x epochs / seconds in fit, validation included) and inference images/s
     (model.predict on the test split, batch 32, after a warm-up call).
 (B) `transfer`: a small labelled set (--transfer-images, 400) drawn from dose and pixel-size
@@ -94,8 +99,8 @@ def _overlap(a, b) -> bool:
 
 def build_set(num_images: int, seed: int, config: simulator.SimulationConfig, materials,
               channels, input_size: int, workers: int) -> dict:
-    """The pipeline's inputs for a planned set, its split by occurrence, and each image's
-    drawing conditions (dose, pixel size, thickness)."""
+    """The pipeline's transformed inputs for a planned set ({IMAGE_XF: …, TEACHER_XF: …}), its
+    split by occurrence, and each image's drawing conditions (dose, pixel size, thickness)."""
     from components.synthesis.executor import split_of, split_pattern
 
     plan = simulator.plan_dataset(num_images, materials, seed)
@@ -157,6 +162,14 @@ def _epoch_timer():
     return EpochTimer()
 
 
+def model_rows(data: dict, rows: np.ndarray, config) -> dict:
+    """The model's inputs ({name: float32 array}) for the selected rows of a set."""
+    from modules import classifier
+
+    return {name: data["inputs"][name][rows].astype(np.float32)
+            for name in classifier.model_inputs(config)}
+
+
 def train(data: dict, vocabulary, config, seed: int, verbose: int = 2,
           run_eagerly: bool = False):
     """run_fn's training on the train split, the eval split as validation data."""
@@ -168,8 +181,8 @@ def train(data: dict, vocabulary, config, seed: int, verbose: int = 2,
     ids = {label: i for i, label in enumerate(vocabulary)}
     y = np.array([ids[label] for label in data["labels"]], np.int64)
     train_mask, eval_mask = data["split"] == 0, data["split"] == 1
-    train_x, train_y = data["inputs"][train_mask], y[train_mask]
-    eval_x, eval_y = data["inputs"][eval_mask].astype(np.float32), y[eval_mask]
+    train_x, train_y = model_rows(data, train_mask, config), y[train_mask]
+    eval_x, eval_y = model_rows(data, eval_mask, config), y[eval_mask]
 
     keras.utils.set_random_seed(seed)
     model = classifier.build_model(len(vocabulary), config)
@@ -177,9 +190,8 @@ def train(data: dict, vocabulary, config, seed: int, verbose: int = 2,
     augment = classifier.orientation_augmenter(
         [i for i, label in enumerate(vocabulary) if label in config.augment_labels])
     dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
-               .shuffle(len(train_x), seed=seed, reshuffle_each_iteration=True)
-               .map(lambda x, label: augment(tf.cast(x, tf.float32), label),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+               .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True)
+               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
     timer = _epoch_timer()
     started = time.perf_counter()
@@ -193,8 +205,8 @@ def train(data: dict, vocabulary, config, seed: int, verbose: int = 2,
         "trainable_backbone_layers": sum(layer.trainable
                                          for layer in classifier.backbone_of(model).layers),
         "backbone_layers": len(classifier.backbone_of(model).layers),
-        "train_images": int(len(train_x)),
-        "eval_images": int(len(eval_x)),
+        "train_images": int(len(train_y)),
+        "eval_images": int(len(eval_y)),
         "fit_s": fit_s,
         # fit's own set-up before the first epoch (data adapter, and in the first fit of
         # a process TensorFlow's one-off initialisation), and its tail after the last
@@ -202,24 +214,26 @@ def train(data: dict, vocabulary, config, seed: int, verbose: int = 2,
         "fit_after_last_epoch_s": started + fit_s - timer.last_epoch_end,
         # the first epoch includes tracing the train and test steps into graphs
         "epoch_s": timer.seconds,
-        "train_images_per_s": len(train_x) * config.epochs / fit_s,
-        "train_images_per_s_after_first_epoch": (len(train_x) / steady) if steady else None,
+        "train_images_per_s": len(train_y) * config.epochs / fit_s,
+        "train_images_per_s_after_first_epoch": (len(train_y) / steady) if steady else None,
         "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         "final_eval_accuracy": float(history.history["val_accuracy"][-1]),
     }
     return model, record
 
 
-def inference_speed(model, x: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
-    """model.predict on x, after one warm-up call: median over `repeats` timed calls."""
+def inference_speed(model, x: dict, batch_size: int, repeats: int = 5) -> dict:
+    """model.predict on x ({name: array}), after one warm-up call: median over `repeats`
+    timed calls."""
     model.predict(x, batch_size=batch_size, verbose=0)
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
         model.predict(x, batch_size=batch_size, verbose=0)
         seconds.append(time.perf_counter() - started)
-    return {"images": int(len(x)), "batch_size": batch_size, "seconds": seconds,
-            "images_per_s": len(x) / float(np.median(seconds))}
+    images = len(next(iter(x.values())))
+    return {"images": int(images), "batch_size": batch_size, "seconds": seconds,
+            "images_per_s": images / float(np.median(seconds))}
 
 
 def _accuracy(correct: np.ndarray) -> dict:
@@ -228,13 +242,31 @@ def _accuracy(correct: np.ndarray) -> dict:
             "wilson_95": wilson(k, n)}
 
 
-def score(model, data: dict, vocabulary, materials, dose_range, batch_size: int) -> dict:
+def teacher_rule(teacher: np.ndarray) -> np.ndarray:
+    """The teacher's own image class from its vectors: the defect class whose mask marks the
+    largest area, bulk where none marks anything."""
+    from components.defects import BULK_LABEL, DEFECT_CLASSES
+
+    area = teacher[:, :len(DEFECT_CLASSES)]
+    return np.where(area.max(axis=1) > 0, np.array(DEFECT_CLASSES)[np.argmax(area, axis=1)],
+                    BULK_LABEL)
+
+
+def score(model, data: dict, vocabulary, materials, dose_range, batch_size: int,
+          config) -> dict:
     """Test-split accuracy overall, per material (confusion matrix, dose terciles), and the
-    per-image predictions."""
+    per-image predictions; `model` None: the teacher's rule instead of a model."""
+    from modules.transform import TEACHER_XF
+
     test = np.flatnonzero(data["split"] == 2)
-    x = data["inputs"][test].astype(np.float32)
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
-    predicted = np.array(vocabulary)[np.argmax(probabilities, axis=-1)]
+    if model is None:
+        predicted = teacher_rule(data["inputs"][TEACHER_XF][test])
+        vocabulary = sorted(set(vocabulary) | set(predicted))
+        probabilities = (predicted[:, None] == np.array(vocabulary)).astype(np.float32)
+    else:
+        probabilities = model.predict(model_rows(data, test, config), batch_size=batch_size,
+                                      verbose=0)
+        predicted = np.array(vocabulary)[np.argmax(probabilities, axis=-1)]
     truth, material = data["labels"][test], data["materials"][test]
     dose = data["dose"][test]
     correct = predicted == truth
@@ -288,12 +320,14 @@ def run_default(args, weights: str) -> dict:
                      args.input_size, args.workers)
     vocabulary = sorted(set(data["labels"]))
     config = classifier.TrainingConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                       input_size=args.input_size, weights_path=weights)
+                                       input_size=args.input_size, weights_path=weights,
+                                       learning_rate=args.learning_rate,
+                                       teacher_features=args.teacher_features)
     print(f"[default] {len(data['plan'])} images in {data['corpus_s']:.0f} s; training from "
           f"{weights}", flush=True)
     model, training = train(data, vocabulary, config, args.train_seed, args.fit_verbose,
                             args.run_eagerly)
-    test_x = data["inputs"][data["split"] == 2].astype(np.float32)
+    test_x = model_rows(data, data["split"] == 2, config)
     result = {
         "data": _set_record(data, sim, args.seed, args.materials),
         "vocabulary": vocabulary,
@@ -301,7 +335,9 @@ def run_default(args, weights: str) -> dict:
                             for k, v in dataclasses.asdict(config).items()},
         "train_seed": args.train_seed,
         "training": training,
-        "test": score(model, data, vocabulary, args.materials, sim.dose, args.batch_size),
+        "test": score(model, data, vocabulary, args.materials, sim.dose, args.batch_size, config),
+        "teacher_rule_test": score(None, data, vocabulary, args.materials, sim.dose,
+                                   args.batch_size, config),
         "inference": inference_speed(model, test_x, args.batch_size),
     }
     result["wall_s"] = time.perf_counter() - started
@@ -330,7 +366,9 @@ def run_transfer(args, weights: str) -> dict:
     }
     for name, start in (("scratch", None), ("synthetic_pretrained", weights)):
         config = classifier.TrainingConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                           input_size=args.input_size, weights_path=start)
+                                           input_size=args.input_size, weights_path=start,
+                                           learning_rate=args.learning_rate,
+                                           teacher_features=args.teacher_features)
         print(f"[transfer] training {name}", flush=True)
         model, training = train(data, vocabulary, config, args.train_seed, args.fit_verbose,
                                 args.run_eagerly)
@@ -338,7 +376,8 @@ def run_transfer(args, weights: str) -> dict:
             "training_config": {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in dataclasses.asdict(config).items()},
             "training": training,
-            "test": score(model, data, vocabulary, args.materials, sim.dose, args.batch_size),
+            "test": score(model, data, vocabulary, args.materials, sim.dose, args.batch_size,
+                          config),
         }
     result["wall_s"] = time.perf_counter() - started
     return result
@@ -396,21 +435,30 @@ def tables(report: dict) -> str:
         data, test, training = part["data"], part["test"], part["training"]
         sim, config = data["simulation_config"], part["training_config"]
         start = os.path.basename(config["weights_path"] or "scratch")
+        rule = part.get("teacher_rule_test")
+        inputs = ("the teacher's mask_pseudo areas beside the pooled features"
+                  if config.get("teacher_features") else "images only")
         lines += [
             f"Default profile: {data['images']} images (seed {data['seed']}, dose "
             f"{sim['dose'][0]:.0f}–{sim['dose'][1]:.0f} e/Å², pixel size "
             f"{sim['pixel_size_pm'][0]:g}–{sim['pixel_size_pm'][1]:g} pm, {sim['size']} px), "
             f"split 70:20:10 by occurrence; {training['train_images']} train, "
             f"{training['eval_images']} eval (validation), {test['overall']['images']} test; "
-            f"fine-tuned from {start}, {config['epochs']} epochs, batch {config['batch_size']}.",
+            f"fine-tuned from {start}, {config['epochs']} epochs, batch {config['batch_size']}, "
+            f"learning rate {config['learning_rate']:g}; {inputs}. Teacher rule: the class "
+            f"whose mask_pseudo marks the largest area (bulk when none), no training.",
             "",
-            "| material | test accuracy | paper | images |",
-            "| --- | --- | --- | --- |",
+            "| material | test accuracy | teacher rule | paper | images |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for m, entry in test["by_material"].items():
             paper = PAPER_ACCURACY.get(m)
-            lines.append(f"| {m} | {_acc_cell(entry)} | {_f(paper)} | {entry['images']} |")
-        lines.append(f"| all | {_acc_cell(test['overall'])} | | {test['overall']['images']} |")
+            own = _acc_cell(rule["by_material"][m]) if rule else "–"
+            lines.append(f"| {m} | {_acc_cell(entry)} | {own} | {_f(paper)} | "
+                         f"{entry['images']} |")
+        own = _acc_cell(rule["overall"]) if rule else "–"
+        lines.append(f"| all | {_acc_cell(test['overall'])} | {own} | | "
+                     f"{test['overall']['images']} |")
         materials = list(test["by_material"])
         classes = sorted({c for e in test["by_material"].values() for c in e["per_class"]})
         lines += ["", "Test accuracy by class:", "",
@@ -474,12 +522,15 @@ def tables(report: dict) -> str:
 def confusions(report: dict) -> str:
     """Off-diagonal confusion-matrix entries, for the console."""
     lines = []
-    for part_name, runs in (("default", {"": report.get("default")}),
-                            ("transfer", (report.get("transfer") or {}).get("runs", {}))):
-        for run_name, run in runs.items():
-            if not run:
+    default = report.get("default") or {}
+    for part_name, runs in (("default", {"": default.get("test"),
+                                         "teacher rule": default.get("teacher_rule_test")}),
+                            ("transfer", {name: run["test"] for name, run in
+                                          (report.get("transfer") or {}).get("runs", {}).items()})):
+        for run_name, test in runs.items():
+            if not test:
                 continue
-            for m, entry in run["test"]["by_material"].items():
+            for m, entry in test["by_material"].items():
                 c = entry["confusion"]
                 errors = [f"{t} -> {p} x{c['matrix'][i][j]}"
                           for i, t in enumerate(c["rows_true"])
@@ -491,7 +542,8 @@ def confusions(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from modules.transform import DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE
+    from modules import classifier
+    from modules.transform import DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE, DEFAULT_TEACHER_FEATURES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=("default", "transfer"),
@@ -512,6 +564,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--materials", nargs="+", default=list(MATERIALS))
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float,
+                        default=classifier.TrainingConfig.learning_rate, help="Adam, constant")
+    parser.add_argument("--teacher-features", action=argparse.BooleanOptionalAction,
+                        default=DEFAULT_TEACHER_FEATURES,
+                        help="the teacher's mask_pseudo areas beside the pooled features")
     parser.add_argument("--weights", default=SHIPPED_BACKBONE,
                         help="synthetic-pretrained backbone (.h5) for the input size")
     parser.add_argument("--workers", type=int, default=os.cpu_count())

@@ -3,8 +3,9 @@
 ImageNet weights cannot be downloaded offline, and a MobileNet trained from scratch on a few
 hundred labelled micrographs stays near chance. This command simulates as many images as it
 is told (every material and class, over wide dose and pixel-size ranges), runs the
-pseudo-labeller on each, prepares them exactly as Transform does, trains the whole network,
-and writes the backbone's weights: the file the Trainer's `weights_path` loads before it
+pseudo-labeller on each, prepares them exactly as Transform does, trains the whole network
+on the images alone (no teacher features: the backbone is what it writes), and writes the
+backbone's weights: the file the Trainer's `weights_path` loads before it
 fine-tunes the last layers on the labelled set. A JSON file beside the weights records how
 they were made.
 
@@ -26,7 +27,8 @@ from typing import Dict, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from components.defects import IMAGE_CLASSES  # noqa: E402
+from components import contract  # noqa: E402
+from components.defects import DEFECT_CLASSES, IMAGE_CLASSES  # noqa: E402
 from components.pseudo_labels import lattice  # noqa: E402
 from components.synthesis import simulator  # noqa: E402
 
@@ -37,14 +39,17 @@ PRETRAIN_PIXEL_SIZE_PM = (14.0, 28.0)
 
 def simulate_maps(item: Tuple[int, str, str, int], seed: int,
                   config: simulator.SimulationConfig) -> Dict[str, np.ndarray]:
-    """One planned image -> its maps by channel source name, as Transform reads them."""
+    """One planned image -> its maps by channel source name and its mask_pseudo, as
+    Transform reads them."""
     index, material, label, _ = item
     image = simulator.simulate_image(material, label, simulator.seed_for(seed, index), config).image
     try:
-        deviation_z = lattice.pseudo_labels(image).z
+        labels = lattice.pseudo_labels(image)
+        deviation_z, mask = labels.z, labels.mask
     except ValueError:  # no lattice found: the pipeline's pseudo-labeller writes zeros too
         deviation_z = np.zeros_like(image)
-    return {"image": image, "deviation_z": deviation_z}
+        mask = np.zeros((len(DEFECT_CLASSES),) + image.shape, contract.MASK_DTYPE)
+    return {"image": image, "deviation_z": deviation_z, contract.MASK_PSEUDO: mask}
 
 
 def _simulate_worker(args):
@@ -53,19 +58,24 @@ def _simulate_worker(args):
 
 def build_corpus(num_images: int, seed: int, config: simulator.SimulationConfig,
                  materials: Sequence[str], channels: Sequence[str], input_size: int,
-                 workers: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(inputs float16 (N, size, size, 3), class index into IMAGE_CLASSES (N,))."""
+                 workers: int) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """({IMAGE_XF: float16 (N, size, size, 3), TEACHER_XF: float32 (N, TEACHER_SIZE)}: the
+    Transform's outputs by its functions, class index into IMAGE_CLASSES (N,))."""
     import tensorflow as tf
 
-    from modules.transform import model_input
+    from modules.transform import IMAGE_XF, TEACHER_SIZE, TEACHER_XF, model_input, teacher_vector
 
     plan = simulator.plan_dataset(num_images, materials, seed)
     to_input = tf.function(lambda maps: model_input(maps, input_size, channels))
-    inputs = np.empty((num_images, input_size, input_size, 3), np.float16)
+    to_teacher = tf.function(teacher_vector)
+    inputs = {IMAGE_XF: np.empty((num_images, input_size, input_size, 3), np.float16),
+              TEACHER_XF: np.empty((num_images, TEACHER_SIZE), np.float32)}
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         jobs = ((item, seed, config) for item in plan)
         for n, maps in enumerate(pool.imap(_simulate_worker, jobs, chunksize=8)):
-            inputs[n] = to_input({k: tf.constant(v) for k, v in maps.items()}).numpy()
+            mask = maps.pop(contract.MASK_PSEUDO)
+            inputs[IMAGE_XF][n] = to_input({k: tf.constant(v) for k, v in maps.items()}).numpy()
+            inputs[TEACHER_XF][n] = to_teacher(tf.constant(mask)).numpy()
             if (n + 1) % 500 == 0:
                 print(f"  simulated {n + 1}/{num_images}", flush=True)
     labels = np.array([IMAGE_CLASSES.index(label) for _, _, label, _ in plan])
@@ -74,7 +84,7 @@ def build_corpus(num_images: int, seed: int, config: simulator.SimulationConfig,
 
 def main(argv=None) -> None:
     from modules import classifier, plots
-    from modules.transform import DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE
+    from modules.transform import DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE, IMAGE_XF
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10000)
@@ -101,18 +111,20 @@ def main(argv=None) -> None:
                                 args.channels, args.input_size, args.workers)
     simulated = time.time() - started
 
-    config = classifier.TrainingConfig(input_size=args.input_size)
+    config = classifier.TrainingConfig(input_size=args.input_size, teacher_features=False)
     model = classifier.build_model(len(IMAGE_CLASSES), config)
-    steps = args.epochs * int(np.ceil(len(train_x) / config.batch_size))
+    steps = args.epochs * int(np.ceil(len(train_y) / config.batch_size))
     model.optimizer.learning_rate = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=steps)
     augment = classifier.orientation_augmenter(
         [IMAGE_CLASSES.index(label) for label in config.augment_labels])
-    train = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
-             .shuffle(len(train_x), seed=args.seed)
-             .map(lambda x, y: augment(tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    train = (tf.data.Dataset.from_tensor_slices((train_x[IMAGE_XF], train_y))
+             .shuffle(len(train_y), seed=args.seed)
+             .map(lambda x, y: augment({IMAGE_XF: tf.cast(x, tf.float32)}, y),
+                  num_parallel_calls=tf.data.AUTOTUNE)
              .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
-    history = model.fit(train, validation_data=(val_x.astype(np.float32), val_y),
+    validation = ({IMAGE_XF: val_x[IMAGE_XF].astype(np.float32)}, val_y)
+    history = model.fit(train, validation_data=validation,
                         epochs=args.epochs, verbose=2)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -21,14 +21,17 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import dataclasses  # noqa: E402
+import math  # noqa: E402
 from typing import Any, Dict, Optional, Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 
 from components import contract  # noqa: E402
+from components.defects import DEFECT_CLASSES  # noqa: E402
 
 IMAGE_XF = "image_xf"
+TEACHER_XF = "teacher_xf"
 LABEL_XF = "label_xf"
 LABEL_VOCABULARY = "label"
 DEFAULT_INPUT_SIZE = 128
@@ -37,6 +40,11 @@ CHANNEL_SOURCES = {"image": contract.IMAGE, "deviation_z": contract.DEVIATION_Z}
 DEFAULT_CHANNELS = ("deviation_z", "deviation_z", "deviation_z")
 DEVIATION_CLIP = 15.0  # noise sigmas; beyond this a defect is a defect
 DEVIATION_SCALE = 5.0
+DEFAULT_TEACHER_FEATURES = True
+# Area fractions are log-scaled so that one marked column (~1e-3 of a 256 x 256 frame) and a
+# band across the image (~0.1) both land in (0, 1]: log1p(scale * f) / log1p(scale).
+TEACHER_AREA_SCALE = 1e4
+TEACHER_SIZE = 2 * len(DEFECT_CLASSES)  # per class: scaled area, presence
 # custom_config key whose value changes with the module code, so that TFX's cache (which
 # does not see code named by a dotted path) re-runs Transform and Trainer after an edit.
 CODE_FINGERPRINT = "code_fingerprint"
@@ -64,6 +72,13 @@ def input_channels(custom_config: Optional[Dict[str, Any]]) -> tuple:
     if len(channels) != 3 or unknown:
         raise ValueError(f"input_channels must be three of {sorted(CHANNEL_SOURCES)}, got {channels}")
     return channels
+
+
+def teacher_features(custom_config: Optional[Dict[str, Any]]) -> bool:
+    value = (custom_config or {}).get("teacher_features", DEFAULT_TEACHER_FEATURES)
+    if not isinstance(value, bool):
+        raise ValueError(f"teacher_features must be true or false, got {value!r}")
+    return value
 
 
 def square_and_resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -113,10 +128,35 @@ def decode_inputs(features: Dict[str, tf.Tensor], size: int, channels: Sequence[
     )
 
 
+def teacher_vector(mask: tf.Tensor) -> tf.Tensor:
+    """[..., C, H, W] mask_pseudo (any dtype, nonzero = marked) -> [..., 2C] float32: per
+    class the log-scaled marked fraction of the image, then per class its presence (0/1)."""
+    marked = tf.cast(tf.not_equal(mask, tf.zeros([], mask.dtype)), tf.float32)
+    fraction = tf.reduce_mean(marked, axis=[-2, -1])
+    area = tf.math.log1p(TEACHER_AREA_SCALE * fraction) / math.log1p(TEACHER_AREA_SCALE)
+    presence = tf.cast(fraction > 0, tf.float32)
+    return tf.concat([area, presence], axis=-1)
+
+
+def decode_teacher(features: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """{mask_pseudo: [batch, 1] serialized uint8 (C, H, W) tensors} -> [batch, TEACHER_SIZE]."""
+
+    def decode(serialized):
+        mask = tf.ensure_shape(tf.io.parse_tensor(serialized, out_type=tf.uint8),
+                               [len(DEFECT_CLASSES), None, None])
+        return teacher_vector(mask)
+
+    return tf.map_fn(decode, tf.reshape(features[contract.MASK_PSEUDO], [-1]),
+                     fn_output_signature=tf.TensorSpec([TEACHER_SIZE], tf.float32))
+
+
 def preprocessing_fn(inputs: Dict[str, tf.Tensor], custom_config: Optional[Dict[str, Any]] = None):
     """TFX Transform entry point."""
     labels = tf.reshape(inputs[contract.LABEL], [-1])
-    return {
+    outputs = {
         IMAGE_XF: decode_inputs(inputs, input_size(custom_config), input_channels(custom_config)),
         LABEL_XF: tft.compute_and_apply_vocabulary(labels, vocab_filename=LABEL_VOCABULARY),
     }
+    if teacher_features(custom_config):
+        outputs[TEACHER_XF] = decode_teacher(inputs)
+    return outputs

@@ -69,6 +69,9 @@ class PipelineConfig:
     input_size: int = 128
     # The backbone's three input channels, each "image" or "deviation_z" (modules/transform.py).
     input_channels: Tuple[str, str, str] = DEFAULT_CHANNELS
+    # The teacher's evidence (per class: marked fraction of mask_pseudo, and presence) beside
+    # the backbone's pooled features (modules/transform.py, "teacher_xf").
+    teacher_features: bool = True
     # Labels whose images may be rotated and mirrored in training.
     augment_labels: Tuple[str, ...] = ORIENTATION_FREE_LABELS
     epochs: int = 25
@@ -129,6 +132,8 @@ class PipelineConfig:
         missing = sorted(set(self.materials) - set(self.min_accuracy))
         if missing:
             raise ValueError(f"min_accuracy has no threshold for materials {missing}")
+        if not isinstance(self.teacher_features, bool):
+            raise ValueError(f"teacher_features must be true or false, got {self.teacher_features!r}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32 pixels (MobileNetV2), got {self.input_size}")
         if len(self.input_channels) != 3 or not set(self.input_channels) <= set(CHANNEL_SOURCES):

@@ -1,7 +1,7 @@
 """`make demo`: run the pipeline through the real TFX CLI, then say where everything is.
 
-The CLI keeps its state in $LOCAL_HOME, which this script points inside the output folder, so
-a demo never touches ~/tfx. Rerun it any time: the pipeline is updated, not re-created.
+The CLI keeps its state in $LOCAL_HOME ($BEAM_HOME with STEM_ENGINE=beam), which this script
+points inside the output folder, so a demo never touches ~/tfx. Rerun it any time: the pipeline is updated, not re-created.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from pipeline import local_runner, reports, run_report  # noqa: E402
+from pipeline import beam_runner, local_runner, reports, run_report  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 
 
 def cli_environment(config: PipelineConfig) -> dict:
     env = dict(os.environ)
-    env["LOCAL_HOME"] = os.path.join(config.output_dir, "tfx_home")
     env["STEM_OUTPUT_DIR"] = config.output_dir
     # TensorFlow's C++ start-up chatter and library deprecation warnings bury the summary.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -29,15 +28,24 @@ def cli_environment(config: PipelineConfig) -> dict:
     return env
 
 
-def run_through_cli(config: PipelineConfig) -> None:
+# `tfx --engine=...` -> the pipeline file the CLI runs and the variable naming its state folder.
+ENGINES = {"local": (local_runner, "LOCAL_HOME", "tfx_home"),
+           "beam": (beam_runner, "BEAM_HOME", "tfx_beam_home")}
+
+
+def run_through_cli(config: PipelineConfig, engine: str = "local") -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (STEM_ENGINE); known: {sorted(ENGINES)}")
+    runner, home, folder = ENGINES[engine]
     env = cli_environment(config)
+    env[home] = os.path.join(config.output_dir, folder)
     tfx = os.path.join(os.path.dirname(sys.executable), "tfx")
-    exists = os.path.isdir(os.path.join(env["LOCAL_HOME"], config.pipeline_name))
+    exists = os.path.isdir(os.path.join(env[home], config.pipeline_name))
     action = "update" if exists else "create"
-    pipeline_path = os.path.abspath(local_runner.__file__)
+    pipeline_path = os.path.abspath(runner.__file__)
     for command in (
-        [tfx, "pipeline", action, "--engine=local", f"--pipeline_path={pipeline_path}"],
-        [tfx, "run", "create", "--engine=local", f"--pipeline_name={config.pipeline_name}"],
+        [tfx, "pipeline", action, f"--engine={engine}", f"--pipeline_path={pipeline_path}"],
+        [tfx, "run", "create", f"--engine={engine}", f"--pipeline_name={config.pipeline_name}"],
     ):
         print("$", " ".join(command), flush=True)
         subprocess.run(command, env=env, check=True)
@@ -103,7 +111,7 @@ def summarise(config: PipelineConfig) -> None:
 
 def main() -> None:
     config = load_config()
-    run_through_cli(config)
+    run_through_cli(config, os.environ.get("STEM_ENGINE", "local"))
     summarise(config)
 
 

@@ -151,6 +151,7 @@ def create_components(config: PipelineConfig) -> List:
         preprocessing_fn="modules.transform.preprocessing_fn",
         custom_config={"input_size": config.input_size,
                        "input_channels": list(config.input_channels),
+                       "teacher_features": config.teacher_features,
                        transform.CODE_FINGERPRINT: modules_fingerprint},
     )
     # The newest model an Evaluator blessed: the baseline a new model must not fall below,
@@ -173,6 +174,7 @@ def create_components(config: PipelineConfig) -> List:
             learning_rate=config.learning_rate,
             input_size=config.input_size,
             input_channels=list(config.input_channels),
+            teacher_features=config.teacher_features,
             weights_path=config.weights_path,
             augment_labels=list(config.augment_labels),
             **{transform.CODE_FINGERPRINT: modules_fingerprint},

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from modules import classifier
+from modules import classifier, transform
 
 
 def config(**changes):
-    return classifier.TrainingConfig(input_size=32, **changes)
+    return classifier.TrainingConfig(input_size=32, **{"teacher_features": False, **changes})
 
 
 def test_from_scratch_trains_every_layer():
@@ -57,14 +57,134 @@ def test_orientation_augmentation_only_touches_the_listed_labels():
     import tensorflow as tf
 
     image = tf.constant(np.arange(4, dtype=np.float32).reshape(2, 2, 1))
+    teacher = tf.constant(np.arange(transform.TEACHER_SIZE, dtype=np.float32))
+    inputs = {transform.IMAGE_XF: image, transform.TEACHER_XF: teacher}
     augment = classifier.orientation_augmenter([1])
     tf.random.set_seed(0)
-    seen = {augment(image, tf.constant(1, tf.int64))[0].numpy().tobytes() for _ in range(40)}
+    seen = set()
+    for _ in range(40):
+        out, label = augment(inputs, tf.constant(1, tf.int64))
+        seen.add(out[transform.IMAGE_XF].numpy().tobytes())
+        np.testing.assert_array_equal(out[transform.TEACHER_XF].numpy(), teacher.numpy())
     assert len(seen) == 8  # the square's full symmetry group
     for _ in range(10):
-        np.testing.assert_array_equal(augment(image, tf.constant(0, tf.int64))[0].numpy(), image.numpy())
+        out, _ = augment(inputs, tf.constant(0, tf.int64))
+        np.testing.assert_array_equal(out[transform.IMAGE_XF].numpy(), image.numpy())
 
 
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="epochz"):
         classifier.TrainingConfig.from_custom_config({"epochz": 3})
+
+
+def test_teacher_features_join_the_pooled_features_before_the_head():
+    assert classifier.model_inputs(config()) == (transform.IMAGE_XF,)
+    with_teacher = config(teacher_features=True)
+    assert classifier.model_inputs(with_teacher) == (transform.IMAGE_XF, transform.TEACHER_XF)
+    model = classifier.build_model(4, with_teacher)
+    assert sorted(model.input_names) == sorted(classifier.model_inputs(with_teacher))
+    joined = model.get_layer("with_teacher")
+    pooled = classifier.backbone_of(model).output_shape[-1]
+    assert joined.output_shape == (None, pooled + transform.TEACHER_SIZE)
+    assert model.get_layer(classifier.PROBABILITIES).input_shape == joined.output_shape
+    without = classifier.build_model(4, config())
+    assert "with_teacher" not in [layer.name for layer in without.layers]
+
+
+def test_teacher_features_option_must_be_a_boolean():
+    assert classifier.TrainingConfig().teacher_features is transform.DEFAULT_TEACHER_FEATURES
+    off = classifier.TrainingConfig.from_custom_config({"teacher_features": False})
+    assert off.teacher_features is False
+    for bad in ("false", 0, None):
+        with pytest.raises(ValueError, match="teacher_features"):
+            classifier.TrainingConfig.from_custom_config({"teacher_features": bad})
+
+
+def _transform_graph(tmp_path, micrographs, custom_config):
+    """A real Transform graph (tf.Transform on Beam's direct runner) over a few micrographs."""
+    import functools
+    import os
+
+    import apache_beam as beam
+    import tensorflow as tf
+    import tensorflow_transform as tft
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
+
+    from components import contract
+
+    keys = (contract.IMAGE, contract.DEVIATION_Z, contract.MASK_PSEUDO, contract.LABEL)
+    spec = {key: tf.io.FixedLenFeature([1], tf.string) for key in keys}
+    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+    raw = []
+    for m in micrographs:
+        feature = contract.to_example(m).features.feature
+        raw.append({key: [feature[key].bytes_list.value[0]] for key in keys})
+    output = str(tmp_path / "transform")
+    with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(tmp_path / "tft_tmp")):
+        transform_fn = ((pipeline | beam.Create(raw), metadata)
+                        | tft_beam.AnalyzeDataset(functools.partial(
+                            transform.preprocessing_fn, custom_config=custom_config)))
+        _ = transform_fn | tft_beam.WriteTransformFn(output)
+    # as TFX's Transform does: the raw metadata beside the graph (raw_feature_spec reads it)
+    metadata_io.write_metadata(metadata,
+                               os.path.join(output, tft.TFTransformOutput.RAW_METADATA_DIR))
+    return tft.TFTransformOutput(output)
+
+
+def test_model_with_teacher_features_trains_and_serves_examples_and_maps_alike(tmp_path):
+    import tensorflow as tf
+
+    from components import contract
+
+    rng = np.random.default_rng(0)
+    micrographs = []
+    for n, label in enumerate(["bulk", "vacancy", "dislocation", "vacancy"]):
+        shape = (48, 56)
+        mask = np.zeros((len(classifier.DEFECT_CLASSES),) + shape, np.uint8)
+        if label != "bulk":
+            mask[classifier.DEFECT_CLASSES.index(label), 10:10 + 3 * n, 20:30] = 1
+        micrographs.append(contract.Micrograph(
+            image=rng.normal(size=shape).astype(np.float32), material="SrTiO3", label=label,
+            pixel_size_pm=20.0, source=f"test_{n}",
+            deviation_z=rng.normal(size=shape).astype(np.float32), mask_pseudo=mask))
+    custom = {"input_size": 32, "input_channels": ["deviation_z"] * 3, "teacher_features": True}
+    transform_output = _transform_graph(tmp_path, micrographs, custom)
+    vocabulary = transform_output.vocabulary_by_name(transform.LABEL_VOCABULARY)
+    serialized = [contract.to_example(m).SerializeToString() for m in micrographs]
+    transformed = transform_output.transform_raw_features(
+        tf.io.parse_example(serialized, transform_output.raw_feature_spec()))
+
+    cfg = config(teacher_features=True, input_channels=("deviation_z",) * 3, batch_size=4)
+    model = classifier.build_model(len(vocabulary), cfg)
+    names = classifier.model_inputs(cfg)
+    x = {name: transformed[name].numpy() for name in names}
+    y = transformed[transform.LABEL_XF].numpy().reshape(-1)
+    assert x[transform.TEACHER_XF][0].max() == 0 and x[transform.TEACHER_XF][1:].max() > 0
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert any(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+
+    export = str(tmp_path / "model")
+    model.save(export, save_format="tf",
+               signatures=classifier._signatures(model, transform_output, cfg))
+    loaded = tf.saved_model.load(export)
+    from_examples = loaded.signatures["serving_default"](examples=tf.constant(serialized[:3]))
+    # the maps of equal-sized micrographs, stacked: no tf.Example in between
+    from_maps = loaded.signatures["serving_maps"](
+        deviation_z=tf.constant(np.stack([m.deviation_z for m in micrographs[:3]])),
+        mask_pseudo=tf.constant(np.stack([m.mask_pseudo for m in micrographs[:3]])))
+    probabilities = from_examples["probabilities"].numpy()
+    assert probabilities.shape == (3, len(vocabulary))
+    np.testing.assert_allclose(from_maps["probabilities"].numpy(), probabilities, atol=1e-5)
+    np.testing.assert_array_equal(from_maps["label"].numpy(), from_examples["label"].numpy())
+    # and the model itself on the Transform's outputs answers the same
+    np.testing.assert_allclose(model.predict({k: v[:3] for k, v in x.items()}, verbose=0),
+                               probabilities, atol=1e-5)
+    # the teacher's evidence reaches the answer: an emptied mask changes it
+    emptied = loaded.signatures["serving_maps"](
+        deviation_z=tf.constant(np.stack([m.deviation_z for m in micrographs[:3]])),
+        mask_pseudo=tf.constant(np.zeros_like(np.stack([m.mask_pseudo for m in micrographs[:3]]))))
+    assert not np.allclose(emptied["probabilities"].numpy()[1:], probabilities[1:], atol=1e-6)
+    features = loaded.signatures["transform_features"](examples=tf.constant(serialized[:3]))
+    assert features[transform.TEACHER_XF].shape == (3, transform.TEACHER_SIZE)

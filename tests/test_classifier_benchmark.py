@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks")
@@ -38,6 +39,8 @@ def test_benchmark_writes_both_parts_and_their_tables(bench, tmp_path, capsys):
         saved = json.load(handle)  # strict JSON: no NaN
 
     assert saved["settings"]["seed"] == 5 and saved["settings"]["transfer_seed"] == 6
+    assert saved["settings"]["teacher_features"] is True
+    assert saved["settings"]["learning_rate"] == 1e-3
     assert saved["settings"]["tensorflow"]
     assert saved["calibration_before"]["fixed_numpy_workload_s"] > 0
     assert len(saved["calibration_before"]["loadavg_1_5_15"]) == 3
@@ -52,6 +55,7 @@ def test_benchmark_writes_both_parts_and_their_tables(bench, tmp_path, capsys):
     assert default["training"]["train_images"] == 36 and default["training"]["eval_images"] == 12
     assert default["training"]["train_images_per_s"] > 0
     assert default["training"]["trainable_backbone_layers"] == 40
+    assert default["training_config"]["teacher_features"] is True
     assert default["inference"]["images_per_s"] > 0 and default["inference"]["images"] == 12
     test = default["test"]
     assert test["overall"]["images"] == 12 and len(test["predictions"]) == 12
@@ -69,6 +73,11 @@ def test_benchmark_writes_both_parts_and_their_tables(bench, tmp_path, capsys):
                    for t, row in zip(confusion["rows_true"], confusion["matrix"])) \
             == entry["correct"]
         assert len(entry["by_dose"]) == 3 and sum(b["images"] for b in entry["by_dose"]) == images
+    # the teacher's rule, scored on the same test images
+    rule = default["teacher_rule_test"]
+    assert [p["index"] for p in rule["predictions"]] == [p["index"] for p in test["predictions"]]
+    assert {m: e["images"] for m, e in rule["by_material"].items()} == {"SrTiO3": 5, "CdTe": 7}
+    assert all(p["confidence"] == 1.0 for p in rule["predictions"])
     assert 2e3 <= min(p["dose"] for p in test["predictions"])
     assert max(p["dose"] for p in test["predictions"]) <= 2e4
 
@@ -89,7 +98,8 @@ def test_benchmark_writes_both_parts_and_their_tables(bench, tmp_path, capsys):
     capsys.readouterr()
     bench.main(["--table-only", out])
     table = capsys.readouterr().out
-    assert "| material | test accuracy | paper | images |" in table
+    assert "| material | test accuracy | teacher rule | paper | images |" in table
+    assert "mask_pseudo areas beside the pooled features" in table
     assert "| SrTiO3 |" in table and "| 0.940 |" in table and "| 0.993 |" in table
     assert "| material | scratch | synthetic-pretrained |" in table
 
@@ -98,3 +108,30 @@ def test_transfer_ranges_the_simulator_refuses_are_reported(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--parts", "transfer", "--transfer-pixel-size-pm", "29", "90"])
     assert "probe_sigma_pm" in capsys.readouterr().err
+
+
+def test_model_rows_follow_the_configuration(bench):
+    from modules import classifier
+    from modules.transform import IMAGE_XF, TEACHER_SIZE, TEACHER_XF
+
+    data = {"inputs": {IMAGE_XF: np.ones((4, 8, 8, 3), np.float16),
+                       TEACHER_XF: np.arange(4 * TEACHER_SIZE, dtype=np.float32).reshape(4, -1)}}
+    rows = np.array([True, False, True, False])
+    on = bench.model_rows(data, rows, classifier.TrainingConfig(teacher_features=True))
+    assert set(on) == {IMAGE_XF, TEACHER_XF} and on[IMAGE_XF].dtype == np.float32
+    np.testing.assert_array_equal(on[TEACHER_XF], data["inputs"][TEACHER_XF][[0, 2]])
+    off = bench.model_rows(data, rows, classifier.TrainingConfig(teacher_features=False))
+    assert set(off) == {IMAGE_XF} and off[IMAGE_XF].shape == (2, 8, 8, 3)
+
+
+def test_teacher_rule_takes_the_largest_area_and_bulk_when_nothing_is_marked(bench):
+    from components.defects import DEFECT_CLASSES
+
+    n = len(DEFECT_CLASSES)
+    teacher = np.zeros((3, 2 * n), np.float32)
+    teacher[1, DEFECT_CLASSES.index("vacancy")] = 0.2
+    teacher[1, DEFECT_CLASSES.index("twin_boundary")] = 0.9
+    teacher[2, DEFECT_CLASSES.index("substitution")] = 0.1
+    teacher[:, n:] = teacher[:, :n] > 0
+    assert list(bench.teacher_rule(teacher)) == ["bulk", "twin_boundary", "substitution"]
+

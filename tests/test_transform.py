@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from components import contract
+from components.defects import DEFECT_CLASSES
 from modules import transform
 
 
@@ -61,3 +63,68 @@ def test_unknown_channel_source_is_refused():
     with pytest.raises(ValueError, match="input_channels"):
         transform.input_channels({"input_channels": ["image", "phase", "image"]})
     assert transform.input_channels(None) == transform.DEFAULT_CHANNELS
+
+
+def hand_made_mask() -> np.ndarray:
+    """100 x 100, 6 classes: one vacancy pixel, a 10 x 10 dislocation patch, everything
+    marked as stacking fault."""
+    mask = np.zeros((len(DEFECT_CLASSES), 100, 100), np.uint8)
+    mask[DEFECT_CLASSES.index("vacancy"), 50, 50] = 1
+    mask[DEFECT_CLASSES.index("dislocation"), :10, :10] = 1
+    mask[DEFECT_CLASSES.index("stacking_fault")] = 1
+    return mask
+
+
+def test_teacher_vector_of_a_hand_made_mask():
+    area = np.zeros(len(DEFECT_CLASSES))
+    area[DEFECT_CLASSES.index("vacancy")] = np.log1p(1.0) / np.log1p(1e4)  # fraction 1e-4
+    area[DEFECT_CLASSES.index("dislocation")] = np.log1p(100.0) / np.log1p(1e4)  # 1e-2
+    area[DEFECT_CLASSES.index("stacking_fault")] = 1.0
+    expected = np.concatenate([area, (area > 0).astype(float)])
+    assert transform.TEACHER_SIZE == len(expected)
+
+    mask = hand_made_mask()
+    out = transform.teacher_vector(tf.constant(mask)).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    # batched masks (serving_maps), any nonzero value, float masks: the same vectors
+    batch = np.stack([mask, 255 * mask, np.zeros_like(mask)])
+    out = transform.teacher_vector(tf.constant(batch)).numpy()
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(out[1], expected, rtol=1e-5)
+    np.testing.assert_array_equal(out[2], 0.0)
+    np.testing.assert_allclose(transform.teacher_vector(tf.constant(mask, tf.float32)).numpy(),
+                               expected, rtol=1e-5)
+
+
+def test_decode_teacher_reads_serialized_masks_of_any_size():
+    masks = [hand_made_mask(), np.zeros((len(DEFECT_CLASSES), 30, 40), np.uint8)]
+    features = {contract.MASK_PSEUDO: tf.constant(
+        [[contract.serialize_array(m)] for m in masks])}
+    out = transform.decode_teacher(features).numpy()
+    assert out.shape == (2, transform.TEACHER_SIZE)
+    np.testing.assert_allclose(out[0], transform.teacher_vector(tf.constant(masks[0])).numpy())
+    np.testing.assert_array_equal(out[1], 0.0)
+
+
+def test_preprocessing_fn_writes_the_teacher_vector_only_when_configured(monkeypatch):
+    # the vocabulary analyzer needs a Beam pipeline; here it is the identity
+    monkeypatch.setattr(transform.tft, "compute_and_apply_vocabulary", lambda x, **_: x)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(100, 100)).astype(np.float32)
+    inputs = {contract.LABEL: tf.constant([[b"vacancy"]]),
+              contract.DEVIATION_Z: tf.constant([[contract.serialize_array(image)]]),
+              contract.MASK_PSEUDO: tf.constant([[contract.serialize_array(hand_made_mask())]])}
+    on = transform.preprocessing_fn(inputs, {"input_size": 32})
+    assert set(on) == {transform.IMAGE_XF, transform.LABEL_XF, transform.TEACHER_XF}
+    np.testing.assert_allclose(on[transform.TEACHER_XF].numpy()[0],
+                               transform.teacher_vector(tf.constant(hand_made_mask())).numpy())
+    off = transform.preprocessing_fn(inputs, {"input_size": 32, "teacher_features": False})
+    assert set(off) == {transform.IMAGE_XF, transform.LABEL_XF}
+
+
+def test_teacher_features_option_must_be_a_boolean():
+    assert transform.teacher_features(None) is transform.DEFAULT_TEACHER_FEATURES
+    assert transform.teacher_features({"teacher_features": False}) is False
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="teacher_features"):
+            transform.teacher_features({"teacher_features": bad})

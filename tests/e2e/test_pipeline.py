@@ -105,9 +105,10 @@ def test_blessed_model_is_pushed_and_predicts_from_serialized_examples(runs):
     assert probabilities.sum(axis=1) == pytest.approx(1.0, abs=1e-4)
     assert {label.decode() for label in outputs["label"].numpy()} <= set(IMAGE_CLASSES)
     # the same answers from the maps themselves, without tf.Examples
-    from_maps = model.signatures["serving_maps"](**{
-        source: tf.constant(np.stack([getattr(m, source) for m in micrographs]))
-        for source in set(runs.input_channels)})
+    maps = {source: tf.constant(np.stack([getattr(m, source) for m in micrographs]))
+            for source in set(runs.input_channels)}
+    maps[contract.MASK_PSEUDO] = tf.constant(np.stack([m.mask_pseudo for m in micrographs]))
+    from_maps = model.signatures["serving_maps"](**maps)
     np.testing.assert_allclose(from_maps["probabilities"].numpy(), probabilities, atol=1e-5)
 
 
