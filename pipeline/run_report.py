@@ -16,7 +16,7 @@ import glob
 import html
 import os
 import tempfile
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Sequence
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
