@@ -1,7 +1,8 @@
 """What every benchmark records beside its numbers, so two result files can be compared:
 how loaded and how fast the machine was, and which commit (with which uncommitted files)
-was measured."""
+was measured; and how the results are written and printed."""
 
+import json
 import os
 import platform
 import subprocess
@@ -37,3 +38,23 @@ def git_commit() -> dict:
                 "dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()]}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty_files": None}
+
+
+def write_report(report: dict, path: str) -> None:
+    """Indented JSON with one line per record of any list of records (strict JSON: no NaN)."""
+    parts = []
+    for key, value in report.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            rows = ",\n".join("    " + json.dumps(v, allow_nan=False) for v in value)
+            text = "[\n" + rows + "\n  ]"
+        else:
+            text = json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {text}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write("{\n" + ",\n".join(parts) + "\n}\n")
+
+
+def fmt(value, digits=2) -> str:
+    """A table cell: the number, or a dash where it is undefined."""
+    return "–" if value is None else f"{value:.{digits}f}"

@@ -40,7 +40,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components.defects import BULK_LABEL, DEFECT_CLASSES  # noqa: E402
-from machine import calibration, git_commit  # noqa: E402  (benchmarks/machine.py)
+from machine import calibration, fmt, git_commit, write_report  # noqa: E402  (benchmarks/machine.py)
 from components.pseudo_labels.lattice import (  # noqa: E402
     PseudoLabelConfig,
     pseudo_labels,
@@ -233,25 +233,6 @@ def build_report(seed, images_per_class, size, bins, materials=MATERIALS, labels
     return report
 
 
-def write_report(report: dict, path: str) -> None:
-    """Indented JSON with one line per image record (strict JSON: no NaN)."""
-    parts = []
-    for key, value in report.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            rows = ",\n".join("    " + json.dumps(v, allow_nan=False) for v in value)
-            text = "[\n" + rows + "\n  ]"
-        else:
-            text = json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
-        parts.append(f"  {json.dumps(key)}: {text}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as handle:
-        handle.write("{\n" + ",\n".join(parts) + "\n}\n")
-
-
-def _f(value, digits=2):
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def tables(report: dict) -> str:
     """Markdown: the per-class table, then IoU by material and by dose bin."""
     overall, s = report["overall"], report["settings"]
@@ -269,11 +250,11 @@ def tables(report: dict) -> str:
         entry = per_label.get(name)
         if entry is None:
             continue
-        lines.append(f"| {name} | {_f(p['precision'])} | {_f(p['recall'])} | {_f(p['iou'])} "
-                     f"| {_f(entry['detection_rate'])} ({entry['images']} images) |")
+        lines.append(f"| {name} | {fmt(p['precision'])} | {fmt(p['recall'])} | {fmt(p['iou'])} "
+                     f"| {fmt(entry['detection_rate'])} ({entry['images']} images) |")
     bulk = per_label.get(BULK_LABEL)
     if bulk is not None:
-        lines.append(f"| bulk (false alarms) | | | | {_f(bulk['false_alarm_rate'])} flagged "
+        lines.append(f"| bulk (false alarms) | | | | {fmt(bulk['false_alarm_rate'])} flagged "
                      f"({bulk['images']} images) |")
     names = [n for n in DEFECT_CLASSES if n in per_label]
     lines += ["", "IoU by material and dose (e/Å²):", "",
@@ -286,9 +267,9 @@ def tables(report: dict) -> str:
         if not part.get("images"):
             lines.append(f"| {title} | 0 | " + " | ".join("–" for _ in names) + " | – |")
             continue
-        cells = [_f(part["pixel"][n]["iou"]) if n in part["per_label"] else "–" for n in names]
+        cells = [fmt(part["pixel"][n]["iou"]) if n in part["per_label"] else "–" for n in names]
         lines.append(f"| {title} | {part['images']} | " + " | ".join(cells)
-                     + f" | {_f(part['bulk_false_alarm_rate'])} |")
+                     + f" | {fmt(part['bulk_false_alarm_rate'])} |")
     t = report["throughput"]
     load = report["calibration_before"]["loadavg_1_5_15"]
     lines += ["", f"Throughput of pseudo_labels, one core: {t['images_per_s_per_core']:.1f} "

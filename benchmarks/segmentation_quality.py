@@ -69,7 +69,7 @@ from components.synthesis.simulator import (  # noqa: E402
     seed_for,
     simulate_image,
 )
-from machine import calibration, git_commit  # noqa: E402  (benchmarks/machine.py)
+from machine import calibration, fmt, git_commit, write_report  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = os.path.join(HERE, "results", "segmentation_quality.json")
 MATERIALS = ("SrTiO3", "CdTe")
@@ -375,24 +375,6 @@ def build_report(seed: int, train_per_class: int, eval_per_class: int, test_per_
     }
 
 
-def write_report(report: dict, path: str) -> None:
-    """Indented JSON with one line per image record (strict JSON: no NaN)."""
-    parts = []
-    for key, value in report.items():
-        if key == "images":
-            text = "[\n" + ",\n".join("    " + json.dumps(v, allow_nan=False) for v in value) + "\n  ]"
-        else:
-            text = json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
-        parts.append(f"  {json.dumps(key)}: {text}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as handle:
-        handle.write("{\n" + ",\n".join(parts) + "\n}\n")
-
-
-def _f(value, digits=2):
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def tables(report: dict) -> str:
     """Markdown: student vs teacher per class, IoU per dose bin, speed."""
     s, overall = report["settings"], report["overall"]
@@ -410,10 +392,10 @@ def tables(report: dict) -> str:
     ]
     for name in DEFECT_CLASSES:
         st, te = overall["student_vs_truth"][name], overall["teacher_vs_truth"][name]
-        lines.append(f"| {name} | {_f(st['iou'])} | {_f(te['iou'])} | {_f(st['f1'])} "
-                     f"| {_f(te['f1'])} | {_f(st['precision'])} / {_f(st['recall'])} "
-                     f"| {_f(te['precision'])} / {_f(te['recall'])} "
-                     f"| {_f(overall['student_vs_teacher'][name]['iou'])} |")
+        lines.append(f"| {name} | {fmt(st['iou'])} | {fmt(te['iou'])} | {fmt(st['f1'])} "
+                     f"| {fmt(te['f1'])} | {fmt(st['precision'])} / {fmt(st['recall'])} "
+                     f"| {fmt(te['precision'])} / {fmt(te['recall'])} "
+                     f"| {fmt(overall['student_vs_teacher'][name]['iou'])} |")
     lines += ["", "IoU against the ground truth, student / teacher, by material and dose (e/Å²):",
               "", "| subset | images | " + " | ".join(DEFECT_CLASSES) + " |",
               "| --- | --- | " + " | ".join("---" for _ in DEFECT_CLASSES) + " |"]
@@ -424,7 +406,7 @@ def tables(report: dict) -> str:
         if not part.get("images"):
             lines.append(f"| {title} | 0 | " + " | ".join("–" for _ in DEFECT_CLASSES) + " |")
             continue
-        cells = [f"{_f(part['student_vs_truth'][n]['iou'])} / {_f(part['teacher_vs_truth'][n]['iou'])}"
+        cells = [f"{fmt(part['student_vs_truth'][n]['iou'])} / {fmt(part['teacher_vs_truth'][n]['iou'])}"
                  for n in DEFECT_CLASSES]
         lines.append(f"| {title} | {part['images']} | " + " | ".join(cells) + " |")
     speed, frame = report["speed"], report["speed"]["frame"]

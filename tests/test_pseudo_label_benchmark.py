@@ -1,30 +1,17 @@
 """The pseudo-label quality benchmark runs end to end on a few tiny images and writes its JSON."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
 from components.defects import DEFECT_CLASSES
+from tests import benchmark_script
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
-                      "pseudo_label_quality.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # The script imports its sibling benchmarks/machine.py, as it does when run as a file.
-    benchmarks = os.path.abspath(os.path.dirname(SCRIPT))
-    sys.path.insert(0, benchmarks)
-    try:
-        spec = importlib.util.spec_from_file_location("pseudo_label_quality", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(benchmarks)
+    yield from benchmark_script.load("pseudo_label_quality")
 
 
 def test_benchmark_writes_the_report_and_its_table(bench, tmp_path, capsys):

@@ -1,32 +1,19 @@
 """The segmentation benchmark runs end to end on a few tiny images and writes its JSON."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
 from components.defects import DEFECT_CLASSES
+from tests import benchmark_script
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
-                      "segmentation_quality.py")
 TINY_UNET = {"tile_size": 32, "base_filters": 4, "depth": 2, "batch_size": 4, "epochs": 1,
              "input_stride": 2, "tiles_per_image": 2, "defect_tile_fraction": 0.5}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # The script imports its sibling benchmarks/machine.py, as it does when run as a file.
-    benchmarks = os.path.abspath(os.path.dirname(SCRIPT))
-    sys.path.insert(0, benchmarks)
-    try:
-        spec = importlib.util.spec_from_file_location("segmentation_quality", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(benchmarks)
+    yield from benchmark_script.load("segmentation_quality")
 
 
 def test_scores_pool_counts_and_say_none_where_undefined(bench):

@@ -32,6 +32,7 @@ from components import contract
 from components.clustering import descriptors, figures, grouping
 from components.defects import DEFECT_CLASSES
 from components.pseudo_labels.executor import STATUS_OK
+from components.segmentation.executor import read_split
 
 REPORT_FILE = "clusters.json"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -158,14 +159,9 @@ def composition(rows: Sequence[Dict[str, Any]], clusters: np.ndarray) -> Dict[st
 def _gallery_images(examples: types.Artifact, wanted: Dict[Tuple[str, str], None]
                     ) -> Dict[Tuple[str, str], np.ndarray]:
     """The images of the (split, source) pairs in `wanted`, read in one pass per split."""
-    found = {}
-    for split in sorted({split for split, _ in wanted}):
-        files = sorted(glob.glob(os.path.join(artifact_utils.get_split_uri([examples], split), "*.gz")))
-        for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
-            micrograph = contract.from_example(record.numpy())
-            if (split, micrograph.source) in wanted:
-                found[(split, micrograph.source)] = micrograph.image
-    return found
+    return {(split, micrograph.source): micrograph.image
+            for split in sorted({split for split, _ in wanted})
+            for micrograph in read_split(examples, split) if (split, micrograph.source) in wanted}
 
 
 class Executor(base_beam_executor.BaseBeamExecutor):

@@ -35,7 +35,7 @@ from components import contract
 from components.materials import MATERIALS
 from components.micrographs import reader
 from components.micrographs.pixel_size import PixelSizeUnknown, estimate_pixel_size
-from components.synthesis.executor import SPLITS, split_pattern
+from components.synthesis.executor import SPLITS, split_pattern, write_splits
 
 QUARANTINE_JSON = "quarantine.json"
 QUARANTINE_CSV = "quarantine.csv"
@@ -385,20 +385,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 | "Files" >> beam.Create(files, reshuffle=True)
                 | "Read" >> beam.Map(lambda item: process_file(*item, config))
             )
-            parts = (
-                results
-                | "Examples" >> beam.FlatMap(lambda result: result.examples)
-                | "Split" >> beam.Partition(lambda item, _: SPLITS.index(item[0]), len(SPLITS))
-            )
-            for split, part in zip(SPLITS, parts):
-                _ = (
-                    part
-                    | f"Values[{split}]" >> beam.Values()
-                    | f"Write[{split}]" >> beam.io.WriteToTFRecord(
-                        os.path.join(examples.uri, f"Split-{split}", "data_tfrecord"),
-                        file_name_suffix=".gz",
-                    )
-                )
+            write_splits(results | "Examples" >> beam.FlatMap(lambda result: result.examples),
+                         examples.uri)
             _ = (
                 results
                 | "Records" >> beam.Map(lambda result: json.dumps(result.record))

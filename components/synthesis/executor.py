@@ -22,6 +22,21 @@ from components.synthesis import simulator
 SPLITS = ("train", "eval", "test")
 
 
+def write_splits(keyed: beam.PCollection, examples_uri: str) -> None:
+    """(split name, serialized example) pairs -> `Split-<name>/data_tfrecord-*.gz` under
+    `examples_uri`, the layout of an Examples artifact."""
+    parts = keyed | "Split" >> beam.Partition(lambda kv, _: SPLITS.index(kv[0]), len(SPLITS))
+    for split, part in zip(SPLITS, parts):
+        _ = (
+            part
+            | f"Values[{split}]" >> beam.Values()
+            | f"Write[{split}]" >> beam.io.WriteToTFRecord(
+                os.path.join(examples_uri, f"Split-{split}", "data_tfrecord"),
+                file_name_suffix=".gz",
+            )
+        )
+
+
 def split_pattern(split_tenths: Tuple[int, int, int]) -> Tuple[int, ...]:
     """Ten split indices in which every prefix is as close to the ratio as it can be.
 
@@ -97,16 +112,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             keyed = (
                 pipeline
                 | "Plan" >> beam.Create(plan, reshuffle=True)
-                | "Simulate" >> beam.Map(lambda item: (split_of(item[3], pattern),
+                | "Simulate" >> beam.Map(lambda item: (SPLITS[split_of(item[3], pattern)],
                                                        simulate_example(item, seed, config)))
             )
-            parts = keyed | "Split" >> beam.Partition(lambda kv, _: kv[0], len(SPLITS))
-            for split, part in zip(SPLITS, parts):
-                _ = (
-                    part
-                    | f"Values[{split}]" >> beam.Values()
-                    | f"Write[{split}]" >> beam.io.WriteToTFRecord(
-                        os.path.join(examples.uri, f"Split-{split}", "data_tfrecord"),
-                        file_name_suffix=".gz",
-                    )
-                )
+            write_splits(keyed, examples.uri)
