@@ -10,6 +10,9 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+from components import contract
 from components.clustering.executor import ClusteringConfig
 from components.defects import BULK_LABEL, IMAGE_CLASSES, ORIENTATION_FREE_LABELS
 from components.materials import MATERIALS
@@ -61,6 +64,11 @@ class PipelineConfig:
     labels: Optional[Tuple[str, ...]] = None
     # train:eval:test in tenths; the paper's 70:20:10.
     split_tenths: Tuple[int, int, int] = (7, 2, 1)
+
+    # Data validation: the schema ExampleValidator checks against, and the anomalies the
+    # SchemaGate lets through (feature -> TFDV anomaly kinds); any other ERROR stops training.
+    schema_file: str = os.path.join(SCHEMA_DIR, "schema.pbtxt")
+    tolerated_anomalies: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     # Pseudo-labeller (components/pseudo_labels): PseudoLabelConfig fields to override.
     pseudo_labels: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -147,6 +155,13 @@ class PipelineConfig:
                 f"weights_path {self.weights_path} does not exist: make it with "
                 f"`python -m modules.pretrain --output {self.weights_path}`, or set weights_path "
                 f"to None to train from scratch")
+        if not os.path.isfile(self.schema_file):
+            raise ValueError(f"schema_file {self.schema_file} does not exist")
+        for feature, kinds in self.tolerated_anomalies.items():
+            unknown = sorted(set(kinds) - set(anomalies_pb2.AnomalyInfo.Type.keys()))
+            if unknown:
+                raise ValueError(f"tolerated_anomalies[{feature!r}] names unknown TFDV anomaly "
+                                 f"kinds {unknown} (see tensorflow_metadata's AnomalyInfo.Type)")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
 
@@ -156,6 +171,17 @@ class PipelineConfig:
         if "split_tenths" in self.micrographs:
             raise ValueError("micrographs.split_tenths: set split_tenths of the pipeline config instead")
         return MicrographConfig(**self.micrographs, split_tenths=self.split_tenths)
+
+    @property
+    def schema_tolerance(self) -> Dict[str, Tuple[str, ...]]:
+        """tolerated_anomalies, and for real micrographs their labels: a folder brings its own
+        class names (or "unknown"), outside the synthetic label domain. ExampleValidator still
+        reports them."""
+        tolerance = dict(self.tolerated_anomalies)
+        if self.micrographs is not None:
+            tolerance[contract.LABEL] = tuple(sorted(
+                set(tolerance.get(contract.LABEL, ())) | {"ENUM_TYPE_UNEXPECTED_STRING_VALUES"}))
+        return tolerance
 
     @property
     def trains_classifier(self) -> bool:
@@ -201,6 +227,10 @@ PROFILES: Dict[str, Dict] = {
     # The U-Net is kept small and short for the same budget (about 3 minutes).
     "demo": dict(min_accuracy={"SrTiO3": 0.6, "CdTe": 0.6},
                  segmenter=dict(base_filters=8, epochs=4)),
+    # The paper end to end (`make paper`): its classifier recipe (the defaults: batch 32,
+    # 25 epochs, last 40 layers, 70:20:10) and gates (94 % SrTiO3, 99.3 % CdTe), on 2,000
+    # synthetic images, with the full-size U-Net (SegmenterConfig defaults, 25 epochs).
+    "paper": dict(pipeline_name="stem-defects-paper", num_images=2000),
     # A few dozen small images, single-process Beam: the end-to-end tests.
     "test": dict(
         pipeline_name="stem-defects-test",

@@ -72,6 +72,9 @@ def summarise(config: PipelineConfig) -> None:
     print(f"  anomalies     {outputs['ExampleValidator.anomalies'].uri}")
     for line in reports.anomalies_summary(outputs["ExampleValidator.anomalies"].uri):
         print(f"                  {line}")
+    print(f"  schema gate   {outputs['SchemaGate.verdict'].uri}")
+    for line in reports.schema_gate_summary(outputs["SchemaGate.verdict"].uri):
+        print(f"                  {line}")
     pushers = [("segmenter", "SegmenterPusher")]
     if config.trains_classifier:
         curves = os.path.join(config.figures_dir, "classifier_training_curves.png")

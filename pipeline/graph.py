@@ -16,10 +16,11 @@ from components.clustering.component import DefectClusterer
 from components.micrographs.component import MicrographExampleGen
 from components.micrographs.executor import folder_fingerprint
 from components.pseudo_labels.component import PseudoLabeler
+from components.schema_gate.component import SchemaGate
 from components.segmentation.component import SegmentationEvaluator
 from components.synthesis.component import SyntheticStemGen
 from modules import classifier, transform
-from pipeline.config import SCHEMA_DIR, PipelineConfig
+from pipeline.config import PipelineConfig
 
 
 _COMPONENTS = pathlib.Path(contract.__file__).parent
@@ -35,6 +36,7 @@ MODULES_CODE = (pathlib.Path(transform.__file__).parent, _COMPONENTS / "contract
                 _COMPONENTS / "defects.py")
 SEGMENTATION_CODE = (_COMPONENTS / "segmentation", _COMPONENTS / "contract.py",
                      _COMPONENTS / "defects.py")
+SCHEMA_GATE_CODE = (_COMPONENTS / "schema_gate",)
 CLUSTERING_CODE = (_COMPONENTS / "clustering", _COMPONENTS / "contract.py",
                    _COMPONENTS / "defects.py")
 
@@ -75,6 +77,13 @@ def micrograph_config_json(config: PipelineConfig) -> str:
 def pseudo_label_config_json(config: PipelineConfig) -> str:
     return json.dumps(dict(config.pseudo_labels, code_fingerprint=code_fingerprint(PSEUDO_LABEL_CODE)),
                       sort_keys=True)
+
+
+def schema_gate_config_json(config: PipelineConfig) -> str:
+    return json.dumps({"schema": config.schema_file,
+                       "tolerated": {feature: list(kinds)
+                                     for feature, kinds in config.schema_tolerance.items()},
+                       "code_fingerprint": code_fingerprint(SCHEMA_GATE_CODE)}, sort_keys=True)
 
 
 def segmentation_eval_config_json(config: PipelineConfig) -> str:
@@ -139,11 +148,14 @@ def create_components(config: PipelineConfig) -> List:
     # Everything downstream reads the examples with their pseudo-labels and deviation maps.
     examples = pseudo_labeler.outputs["pseudo_labelled_examples"]
     statistics_gen = tfx.components.StatisticsGen(examples=examples)
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=f"{SCHEMA_DIR}/schema.pbtxt")
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=config.schema_file)
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"],
         schema=schema_gen.outputs["schema"],
     )
+    # ExampleValidator only records anomalies: this gate fails the run before any training.
+    schema_gate = SchemaGate(anomalies=example_validator.outputs["anomalies"],
+                             gate_config=schema_gate_config_json(config))
     modules_fingerprint = code_fingerprint(MODULES_CODE)
     transform_component = tfx.components.Transform(
         examples=examples,
@@ -220,7 +232,11 @@ def create_components(config: PipelineConfig) -> List:
         clustering_config=clustering_config_json(config),
     )
     classifier_steps = [transform_component, latest_blessed, trainer, evaluator, pusher]
-    return ([examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator]
+    # Nothing learns from data the SchemaGate has not passed.
+    segmenter_trainer.add_upstream_node(schema_gate)
+    if config.trains_classifier:
+        transform_component.add_upstream_node(schema_gate)
+    return ([examples_gen, pseudo_labeler, statistics_gen, schema_gen, example_validator, schema_gate]
             # Unlabelled micrographs: no image classes to learn; segmentation and clustering
             # need none.
             + (classifier_steps if config.trains_classifier else [])

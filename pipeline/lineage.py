@@ -11,7 +11,7 @@ artifact a later run took from the cache has more than one execution that output
 one that made it (the earliest) is shown. Each artifact appears once; a second path to it
 says "(shown above)". Statistics and anomalies are not inputs of any model, so they are not
 upstream of one: under every examples artifact of the chain, the statistics computed from
-it and the anomalies found in those are listed as "checked by".
+it, the anomalies found in those and the SchemaGate's verdict are listed as "checked by".
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _producer(store: metadata_store.MetadataStore, artifact_id: int
 
 
 # Artifacts that describe examples rather than being made from them for training.
-VALIDATION_TYPES = ("ExampleStatistics", "ExampleAnomalies")
+VALIDATION_TYPES = ("ExampleStatistics", "ExampleAnomalies", "stem_defects.SchemaVerdict")
 # Reports made beside an artifact of the chain (the evaluation beside a blessing, the
 # pseudo-label quality beside the pseudo-labelled examples): shown as "with".
 REPORT_TYPES = ("ModelEvaluation", "stem_defects.PseudoLabelReport", "stem_defects.QuarantineReport")

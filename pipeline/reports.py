@@ -121,6 +121,19 @@ def anomalies_summary(anomalies_uri: str) -> List[str]:
     return lines
 
 
+def schema_gate_summary(verdict_uri: str) -> List[str]:
+    """The gate passed (a failed gate publishes no verdict); anomalies it let through."""
+    import json
+
+    from components.schema_gate.executor import VERDICT_FILE
+
+    with open(os.path.join(verdict_uri, VERDICT_FILE)) as handle:
+        verdict = json.load(handle)
+    return ["passed: training went ahead"] + [
+        f"let through ({a['severity']}): {a['split']}: {a['feature']}: {a['description']}"
+        for a in verdict["let_through"]]
+
+
 def quarantine_summary(quarantine_uri: str) -> List[str]:
     """Files used and set aside, with every set-aside file and its reason."""
     import json

@@ -111,8 +111,9 @@ def build_report(metadata_path: str, run_index: int = -1) -> str:
         quarantine = ("<h3>Files set aside (quarantine)</h3>"
                       + _lines(reports.quarantine_summary(uri("MicrographExampleGen.quarantine")))
                       if "MicrographExampleGen.quarantine" in outputs else "")
-        return (quarantine + "<h3>Anomalies against schema/schema.pbtxt</h3>"
+        return (quarantine + "<h3>Anomalies against the schema</h3>"
                 + _lines(reports.anomalies_summary(uri("ExampleValidator.anomalies")))
+                + "<h3>Schema gate</h3>" + _lines(reports.schema_gate_summary(uri("SchemaGate.verdict")))
                 + "<h3>Pseudo-labels</h3>" + _lines(reports.pseudo_label_summary(uri("PseudoLabeler.report")))
                 + "<h3>Statistics (TFDV)</h3>" + statistics_table(uri("StatisticsGen.statistics"))
                 + "<h3>Examples</h3>" + picture)

@@ -27,5 +27,7 @@ def test_pipeline_parameters_carry_the_fingerprints():
         components["PseudoLabeler"].exec_properties["pseudo_label_config"]
     assert graph.code_fingerprint(graph.CLUSTERING_CODE) in \
         components["DefectClusterer"].exec_properties["clustering_config"]
+    assert graph.code_fingerprint(graph.SCHEMA_GATE_CODE) in \
+        components["SchemaGate"].exec_properties["gate_config"]
     trainer_config = components["Trainer"].exec_properties["custom_config"]
     assert graph.code_fingerprint(graph.MODULES_CODE) in str(trainer_config)

@@ -18,12 +18,15 @@ def test_compiled_spec_has_the_graph_image_and_gpu_requests(tmp_path):
                                  ignore_unknown_fields=True)
     tasks = set(spec.root.dag.tasks)
     assert tasks == {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
-                     "ExampleValidator", "Transform", "Trainer", "Evaluator", "Pusher",
+                     "ExampleValidator", "SchemaGate", "Transform", "Trainer", "Evaluator", "Pusher",
                      "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
                      "DefectClusterer",
                      "latest_blessed_model-model-resolver",
                      "latest_blessed_model-model-blessing-resolver"}
     assert set(spec.root.dag.tasks["Trainer"].dependent_tasks) == {"Transform", "ImportSchemaGen"}
+    # Nothing trains before the SchemaGate has passed the data.
+    for step in ("Transform", "SegmenterTrainer"):
+        assert "SchemaGate" in spec.root.dag.tasks[step].dependent_tasks, step
 
     executors = job["pipelineSpec"]["deploymentSpec"]["executors"]
     containers = {name: e["container"] for name, e in executors.items() if "container" in e}

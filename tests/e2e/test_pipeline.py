@@ -23,7 +23,7 @@ from pipeline.graph import create_pipeline
 from tests.e2e.mlmd import Execution, executions_by_component, inputs_of_component, outputs_of_run
 
 COMPONENTS = {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
-              "ExampleValidator", "Transform", "latest_blessed_model", "Trainer", "Evaluator",
+              "ExampleValidator", "SchemaGate", "Transform", "latest_blessed_model", "Trainer", "Evaluator",
               "Pusher", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
               "DefectClusterer"}
 
@@ -171,8 +171,8 @@ def test_lineage_leads_from_pushed_model_and_clusters_back_to_the_synthesis(runs
     assert {"Pusher", "Evaluator", "Trainer", "Transform", "PseudoLabeler", "SyntheticStemGen",
             "ImportSchemaGen"} <= {entry["component"] for entry in chain}
     text = "\n".join(lineage.format_chain(chain))
-    for name in ("StatisticsGen.statistics", "ExampleValidator.anomalies", "Evaluator.evaluation",
-                 "PseudoLabeler.report"):
+    for name in ("StatisticsGen.statistics", "ExampleValidator.anomalies", "SchemaGate.verdict",
+                 "Evaluator.evaluation", "PseudoLabeler.report"):
         assert text.count(f"{name} #{artifacts[name].id} ") == 1, name
     clusters = lineage.upstream(store, lineage.find_artifact(store, artifacts["DefectClusterer.clusters"].uri))
     assert {"SegmenterTrainer", "SegmentationEvaluator", "PseudoLabeler", "SyntheticStemGen"} <= \
@@ -189,6 +189,7 @@ def test_run_report_is_one_html_file_with_every_section_and_figure(runs, tmp_pat
     for section in ("Data:", "Classifier", "Segmenter", "Defect clusters"):
         assert f"<h2>{section}" in page
     assert "not available" not in page and "src=\"file:" not in page
+    assert "passed: training went ahead" in page
     # example sheet, curves and confusion matrices, U-Net curves and heat maps, 3 cluster figures
     assert page.count('src="data:image/png;base64,') == 3 + 1 + 2 * runs.heatmap_images + 3
 

@@ -16,7 +16,7 @@ from tests.e2e.mlmd import Execution, executions_by_component, outputs_of_run
 from tests.test_micrograph_reader import lattice_image, write_broken_corpus, write_dm, write_tiff_imagej
 
 STEPS = {"MicrographExampleGen", "PseudoLabeler", "StatisticsGen", "ImportSchemaGen",
-         "ExampleValidator", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
+         "ExampleValidator", "SchemaGate", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
          "DefectClusterer"}
 
 
