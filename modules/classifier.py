@@ -33,6 +33,7 @@ from tfx_bsl.public import tfxio  # noqa: E402
 from components import contract  # noqa: E402
 from components.defects import DEFECT_CLASSES, ORIENTATION_FREE_LABELS  # noqa: E402
 from modules import plots  # noqa: E402
+from modules.progress_callback import EpochProgress  # noqa: E402
 from modules.transform import (DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE,  # noqa: E402
                                DEFAULT_TEACHER_FEATURES, IMAGE_XF, LABEL_VOCABULARY, LABEL_XF,
                                TEACHER_SIZE, TEACHER_XF, config_options, model_input,
@@ -260,7 +261,8 @@ def run_fn(fn_args) -> None:
 
     start = warm_start_weights(getattr(fn_args, "base_model", None))
     model = build_model(len(vocabulary), config, start_weights=start)
-    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=2)
+    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=0,
+                        callbacks=[EpochProgress("Trainer")])
 
     model.save(fn_args.serving_model_dir, save_format="tf",
                signatures=_signatures(model, transform_output, config))

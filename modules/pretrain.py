@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from components import contract  # noqa: E402
 from components.defects import DEFECT_CLASSES, IMAGE_CLASSES  # noqa: E402
+from components.progress import Progress  # noqa: E402
 from components.pseudo_labels import lattice  # noqa: E402
 from components.synthesis import simulator  # noqa: E402
 
@@ -70,20 +71,21 @@ def build_corpus(num_images: int, seed: int, config: simulator.SimulationConfig,
     to_teacher = tf.function(teacher_vector)
     inputs = {IMAGE_XF: np.empty((num_images, input_size, input_size, 3), np.float16),
               TEACHER_XF: np.empty((num_images, TEACHER_SIZE), np.float32)}
+    simulated = Progress("pretrain corpus", num_images, "images")
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         jobs = ((item, seed, config) for item in plan)
         for n, maps in enumerate(pool.imap(_simulate_worker, jobs, chunksize=8)):
             mask = maps.pop(contract.MASK_PSEUDO)
             inputs[IMAGE_XF][n] = to_input({k: tf.constant(v) for k, v in maps.items()}).numpy()
             inputs[TEACHER_XF][n] = to_teacher(tf.constant(mask)).numpy()
-            if (n + 1) % 500 == 0:
-                print(f"  simulated {n + 1}/{num_images}", flush=True)
+            simulated.advance()
     labels = np.array([IMAGE_CLASSES.index(label) for _, _, label, _ in plan])
     return inputs, labels
 
 
 def main(argv=None) -> None:
     from modules import classifier, plots
+    from modules.progress_callback import EpochProgress
     from modules.transform import DEFAULT_CHANNELS, DEFAULT_INPUT_SIZE, IMAGE_XF
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -124,8 +126,8 @@ def main(argv=None) -> None:
                   num_parallel_calls=tf.data.AUTOTUNE)
              .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
     validation = ({IMAGE_XF: val_x[IMAGE_XF].astype(np.float32)}, val_y)
-    history = model.fit(train, validation_data=validation,
-                        epochs=args.epochs, verbose=2)
+    history = model.fit(train, validation_data=validation, epochs=args.epochs, verbose=0,
+                        callbacks=[EpochProgress("pretrain")])
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     classifier.backbone_of(model).save_weights(args.output)

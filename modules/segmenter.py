@@ -63,6 +63,7 @@ from components import contract  # noqa: E402
 from components.defects import DEFECT_CLASSES  # noqa: E402
 from components.pseudo_labels import lattice  # noqa: E402
 from modules import plots  # noqa: E402
+from modules.progress_callback import EpochProgress  # noqa: E402
 from modules.transform import config_options, standardise  # noqa: E402
 
 PROBABILITIES = "probabilities"
@@ -398,8 +399,8 @@ def run_fn(fn_args) -> None:
     train = make_dataset(fn_args.train_files, config, training=True)
     validation = make_dataset(fn_args.eval_files, config, training=False)
     model = build_unet(len(DEFECT_CLASSES), config)
-    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=2,
-                        callbacks=[learning_rate_schedule(config)])
+    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=0,
+                        callbacks=[learning_rate_schedule(config), EpochProgress("SegmenterTrainer")])
 
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=_signatures(model, config))
     os.makedirs(fn_args.model_run_dir, exist_ok=True)

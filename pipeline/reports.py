@@ -108,16 +108,16 @@ def write_example_sheet(micrographs: List[contract.Micrograph], path: str) -> st
 
 def anomalies_summary(anomalies_uri: str) -> List[str]:
     """One line per split: 'no anomalies' or the anomalous features and their reasons."""
-    from tensorflow_data_validation.utils import anomalies_util
+    from components.schema_gate.executor import read_anomalies
 
+    found = read_anomalies(anomalies_uri)
     lines = []
     for split_dir in sorted(glob.glob(os.path.join(anomalies_uri, "Split-*"))):
         split = os.path.basename(split_dir)[len("Split-"):]
-        anomalies = anomalies_util.load_anomalies_binary(os.path.join(split_dir, "SchemaDiff.pb"))
-        if not anomalies.anomaly_info:
+        in_split = [a for a in found if a.split == split]
+        if not in_split:
             lines.append(f"{split}: no anomalies")
-        for feature, info in sorted(anomalies.anomaly_info.items()):
-            lines.append(f"{split}: {feature}: {info.short_description} ({info.description})")
+        lines += [f"{split}: {a.feature}: {a.short_description} ({a.description})" for a in in_split]
     return lines
 
 

@@ -28,7 +28,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 from tfx.utils import path_utils
 
-from components import contract
+from components import contract, progress
 from components.clustering import descriptors, figures, grouping
 from components.defects import DEFECT_CLASSES
 from components.pseudo_labels.executor import STATUS_OK
@@ -182,19 +182,24 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                              f"{examples.uri} (splits: {available})")
         model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
         rows_dir = os.path.join(self._get_tmp_dir(), "descriptor_rows")
+        files = {split: os.path.join(artifact_utils.get_split_uri([examples], split), "*.gz")
+                 for split in config.splits}
+        # Counted as each image's row leaves the U-Net step, in the same worker.
+        to_json = progress.Counted(json.dumps, "DefectClusterer (U-Net maps)",
+                                   sum(map(progress.count_records, files.values())), "images",
+                                   progress.beam_worker_count(self._beam_pipeline_args))
 
         with self._make_beam_pipeline() as pipeline:
             _ = (
                 [pipeline
                  | f"Read[{split}]" >> beam.io.ReadFromTFRecord(
-                     os.path.join(artifact_utils.get_split_uri([examples], split), "*.gz"),
-                     compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+                     files[split], compression_type=beam.io.filesystem.CompressionTypes.GZIP)
                  | f"Key[{split}]" >> beam.Map(lambda serialized, split=split: (split, serialized))
                  for split in config.splits]
                 | "AllSplits" >> beam.Flatten()
                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_size)
                 | "Describe" >> beam.ParDo(DescribeFn(model_dir, config.threshold))
-                | "ToJson" >> beam.Map(json.dumps)
+                | "ToJson" >> beam.Map(to_json)
                 | "WriteRows" >> beam.io.WriteToText(os.path.join(rows_dir, "rows"))
             )
         rows = _read_rows(rows_dir)

@@ -24,6 +24,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
+from components.progress import Progress
+
 MINIBATCH_SIZE = 4096  # rows per mini-batch step: large enough for stable centres
 # Exact k-means up to this many rows: at 100,000 it took ~50 s for k = 2..10 on 2 cores and
 # found the generating k, where mini-batch merged clusters (benchmarks/clustering_scale.py).
@@ -141,6 +143,8 @@ def cluster(X: np.ndarray, k_range: Tuple[int, int] = (2, 8), seed: int = 0,
         if sample_size < n_rows else np.arange(n_rows)
 
     silhouettes, inertias, best = [], [], None
+    sweep = Progress(f"k-means over k = {k_values[0]}..{k_values[-1]} ({n_rows} rows)",
+                     len(k_values), "values of k")
     for k in k_values:
         tick = time.perf_counter()
         if minibatch:
@@ -162,6 +166,7 @@ def cluster(X: np.ndarray, k_range: Tuple[int, int] = (2, 8), seed: int = 0,
         inertias.append(float(model.inertia_))
         if np.isfinite(score) and (best is None or score > best[0]):  # ties keep the smaller k
             best = (score, k, labels, model.cluster_centers_)
+        sweep.advance()
     if best is None:
         raise ValueError(f"k-means found fewer than two clusters for every k in {k_values}: "
                          f"the descriptors hold too few distinct rows")

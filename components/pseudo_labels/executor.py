@@ -20,7 +20,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 
-from components import contract
+from components import contract, progress
 from components.defects import DEFECT_CLASSES
 from components.pseudo_labels import lattice
 
@@ -170,17 +170,19 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         examples.set_string_custom_property(
             "payload_format", example_gen_pb2.PayloadFormat.Name(example_gen_pb2.FORMAT_TF_EXAMPLE))
         report = artifact_utils.get_single_instance(output_dict["report"])
+        workers = progress.beam_worker_count(self._beam_pipeline_args)
 
         with self._make_beam_pipeline() as pipeline:
             tallies = []
             for split in split_names:
+                files = os.path.join(artifact_utils.get_split_uri([source], split), "*.gz")
+                label = progress.Counted(label_example, f"PseudoLabeler [{split}]",
+                                         progress.count_records(files), "images", workers)
                 labelled = (
                     pipeline
                     | f"Read[{split}]" >> beam.io.ReadFromTFRecord(
-                        os.path.join(artifact_utils.get_split_uri([source], split), "*.gz"),
-                        compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-                    )
-                    | f"Label[{split}]" >> beam.Map(label_example, config)
+                        files, compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+                    | f"Label[{split}]" >> beam.Map(label, config)
                 )
                 _ = (
                     labelled

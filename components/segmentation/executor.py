@@ -22,7 +22,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import path_utils
 
-from components import contract
+from components import contract, progress
 from components.defects import DEFECT_CLASSES
 from components.segmentation import heatmaps
 
@@ -115,9 +115,13 @@ class Executor(base_executor.BaseExecutor):
         serving = tf.saved_model.load(
             path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model)))
         predict_images = serving.signatures["serving_images"]
+        split_files = os.path.join(artifact_utils.get_split_uri([examples], options["split"]), "*.gz")
+        predicted = progress.Progress("SegmentationEvaluator", progress.count_records(split_files),
+                                      "images")
 
         def predict(micrograph):
             probabilities = predict_images(images=tf.constant(micrograph.image[np.newaxis]))
+            predicted.advance()
             return np.moveaxis(probabilities["probabilities"].numpy()[0], -1, 0)
 
         heatmap_dir = os.path.join(evaluation.uri, "heatmaps")

@@ -16,7 +16,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 
-from components import contract
+from components import contract, progress
 from components.synthesis import simulator
 
 SPLITS = ("train", "eval", "test")
@@ -108,11 +108,14 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         examples.set_string_custom_property(
             "payload_format", example_gen_pb2.PayloadFormat.Name(example_gen_pb2.FORMAT_TF_EXAMPLE))
 
+        simulate = progress.Counted(
+            lambda item: (SPLITS[split_of(item[3], pattern)], simulate_example(item, seed, config)),
+            "SyntheticStemGen", len(plan), "images",
+            progress.beam_worker_count(self._beam_pipeline_args))
         with self._make_beam_pipeline() as pipeline:
             keyed = (
                 pipeline
                 | "Plan" >> beam.Create(plan, reshuffle=True)
-                | "Simulate" >> beam.Map(lambda item: (SPLITS[split_of(item[3], pattern)],
-                                                       simulate_example(item, seed, config)))
+                | "Simulate" >> beam.Map(simulate)
             )
             write_splits(keyed, examples.uri)

@@ -18,7 +18,6 @@ from components.clustering import executor as clustering
 from components.defects import DEFECT_CLASSES, IMAGE_CLASSES
 from components.segmentation.executor import COMPARISONS, EVALUATION_FILE
 from pipeline import lineage, reports, run_report
-from pipeline.config import load_config
 from pipeline.graph import create_pipeline
 from tests.e2e.mlmd import Execution, executions_by_component, inputs_of_component, outputs_of_run
 
@@ -26,15 +25,6 @@ COMPONENTS = {"SyntheticStemGen", "PseudoLabeler", "StatisticsGen", "ImportSchem
               "ExampleValidator", "SchemaGate", "Transform", "latest_blessed_model", "Trainer", "Evaluator",
               "Pusher", "SegmenterTrainer", "SegmentationEvaluator", "SegmenterPusher",
               "DefectClusterer"}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Run the test profile twice; the second run should be served from the cache."""
-    config = load_config("test", output_dir=str(tmp_path_factory.mktemp("e2e")))
-    for _ in range(2):
-        tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
-    return config
 
 
 def test_every_component_executed(runs):
