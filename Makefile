@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean-output
+.PHONY: demo paper test clean-output
 
 # TFX 1.16 declares Requires-Python <3.11 but works on 3.11, hence PIP_IGNORE_REQUIRES_PYTHON;
 # the lock pins every package, so nothing is resolved.
@@ -22,6 +22,12 @@ $(STAMP): requirements.lock setup.py
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
+
+# The paper end to end (the `paper` profile through the TFX CLI), then the README's results
+# section and docs/results/ regenerated from that run's own files.
+paper: $(STAMP)
+	STEM_PROFILE=paper $(BIN)/python -m pipeline.demo
+	$(BIN)/python -m pipeline.results --profile paper
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
