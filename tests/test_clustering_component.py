@@ -1,14 +1,17 @@
 """DefectClusterer's executor pieces: its config, the Beam step that describes images, the report."""
 
 import json
+import os
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from components import contract
 from components.clustering import descriptors
-from components.clustering.executor import ClusteringConfig, DescribeFn, composition, parse_clustering_config
+from components.clustering.executor import (ClusteringConfig, DescribeFn, composition,
+                                            parse_clustering_config, read_keyed_by_split)
 from components.defects import DEFECT_CLASSES
 from pipeline.config import load_config
 
@@ -78,3 +81,28 @@ def test_composition_counts_labels_and_materials_per_cluster():
         "0": {"size": 1, "labels": {"twin_boundary": 1}, "materials": {"CdTe": 1}},
         "1": {"size": 2, "labels": {"bulk": 2}, "materials": {"CdTe": 1, "SrTiO3": 1}},
     }
+
+
+def test_every_record_of_every_split_is_read_once_with_its_split(tmp_path):
+    """Under the multi-process DirectRunner, as the pipeline runs it (two workers)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    sizes = {"train": 70, "eval": 20, "test": 10}
+    files = {}
+    for split, count in sizes.items():
+        folder = tmp_path / f"Split-{split}"
+        folder.mkdir()
+        for shard in range(2):
+            with tf.io.TFRecordWriter(str(folder / f"data-{shard}.gz"), options="GZIP") as writer:
+                for index in range(shard, count, 2):
+                    writer.write(f"{split}:{index}".encode())
+        files[split] = os.path.join(str(folder), "*.gz")
+    out = tmp_path / "keyed"
+    options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    with beam.Pipeline(options=options) as pipeline:
+        _ = (read_keyed_by_split(pipeline, files)
+             | beam.MapTuple(lambda split, record: f"{split} {record.decode()}")
+             | beam.io.WriteToText(str(out)))
+    lines = sorted(line.strip() for path in tmp_path.glob("keyed*") for line in open(path))
+    assert lines == sorted(f"{split} {split}:{index}" for split, count in sizes.items()
+                           for index in range(count))
