@@ -24,8 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
 
 # The paper end to end (the `paper` profile through the TFX CLI; about 21 minutes on 2 cores),
-# then the README's results
-# section and docs/results/ regenerated from that run's own files.
+# then the README's results section and docs/results/ regenerated from that run's own files.
 paper: $(STAMP)
 	STEM_PROFILE=paper $(BIN)/python -m pipeline.demo
 	$(BIN)/python -m pipeline.results --profile paper

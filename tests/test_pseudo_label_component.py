@@ -80,7 +80,7 @@ def read_examples(uri):
     return out
 
 
-def run_pseudo_labeler(root, splits):
+def run_pseudo_labeler(root, splits, beam_args=BEAM_ARGS):
     """Runs the executor on {split: [Micrograph]}; (inputs, outputs, output artifact, report)."""
     from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
     from tfx.types import standard_artifacts
@@ -90,7 +90,7 @@ def run_pseudo_labeler(root, splits):
     labelled.uri = os.path.join(root, "labelled")
     report = PseudoLabelReport()
     report.uri = os.path.join(root, "report")
-    Executor(BaseBeamExecutor.Context(beam_pipeline_args=BEAM_ARGS)).Do(
+    Executor(BaseBeamExecutor.Context(beam_pipeline_args=beam_args)).Do(
         {"examples": [source]},
         {"pseudo_labelled_examples": [labelled], "report": [report]},
         {"pseudo_label_config": json.dumps({"code_fingerprint": "any"})},
@@ -101,12 +101,15 @@ def run_pseudo_labeler(root, splits):
     return read_examples(source.uri), read_examples(labelled.uri), labelled, quality
 
 
+def simulated_splits():
+    index = iter(range(100))
+    return {split: [micrograph(m, label, next(index)) for m, label in pairs]
+            for split, pairs in SPLITS.items()}
+
+
 @pytest.fixture(scope="module")
 def labelled_run(tmp_path_factory):
-    index = iter(range(100))
-    splits = {split: [micrograph(m, label, next(index)) for m, label in pairs]
-              for split, pairs in SPLITS.items()}
-    return run_pseudo_labeler(str(tmp_path_factory.mktemp("run")), splits)
+    return run_pseudo_labeler(str(tmp_path_factory.mktemp("run")), simulated_splits())
 
 
 def labels_of(examples, label):
@@ -200,6 +203,17 @@ def test_report_scores_every_class_per_split_and_material_where_ground_truth_exi
             assert sum(per_split) == sum(per_material) == overall["per_class"][name][kind]
     # no stacking faults anywhere, and none labelled: nothing to measure
     assert overall["per_class"]["stacking_fault"]["iou"] is None
+
+
+def test_two_worker_processes_give_the_same_examples_and_report(labelled_run, tmp_path):
+    """The pipeline's default Beam runner (multi-process) against the single-process run."""
+    _, outputs, _, quality = labelled_run
+    _, parallel, _, parallel_quality = run_pseudo_labeler(
+        str(tmp_path), simulated_splits(),
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert {split: sorted(examples) for split, examples in parallel.items()} == \
+        {split: sorted(examples) for split, examples in outputs.items()}
+    assert parallel_quality == quality
 
 
 def test_report_says_ground_truth_is_absent_without_mask_true(tmp_path):

@@ -173,7 +173,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         workers = progress.beam_worker_count(self._beam_pipeline_args)
 
         with self._make_beam_pipeline() as pipeline:
-            tallies = []
+            sums = []
             for split in split_names:
                 files = os.path.join(artifact_utils.get_split_uri([source], split), "*.gz")
                 label = progress.Counted(label_example, f"PseudoLabeler [{split}]",
@@ -192,18 +192,22 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                         file_name_suffix=".gz",
                     )
                 )
-                tallies.append(
+                sums.append(
                     labelled
                     | f"Tally[{split}]" >> beam.Map(
                         lambda item, split=split: ((split, item.material), item.counts))
+                    | f"SumByMaterial[{split}]" >> beam.CombinePerKey(total)
                 )
+            # The splits' sums meet as side inputs, not through a Flatten, which lost elements
+            # under the multi-process DirectRunner (components/clustering/executor.py).
             _ = (
-                tallies
-                | "AllSplits" >> beam.Flatten()
-                | "SumBySplitAndMaterial" >> beam.CombinePerKey(total)
-                | "Gather" >> beam.combiners.ToDict()
+                pipeline
+                | "Once" >> beam.Create([None])
                 | "Report" >> beam.Map(
-                    lambda totals: json.dumps(build_report(totals, split_names), indent=2))
+                    lambda _, *per_split: json.dumps(build_report(
+                        {key: counts for totals in per_split for key, counts in totals.items()},
+                        split_names), indent=2),
+                    *[beam.pvalue.AsDict(split_sums) for split_sums in sums])
                 | "WriteReport" >> beam.io.WriteToText(
                     os.path.join(report.uri, REPORT_FILE), shard_name_template="", num_shards=1)
             )
