@@ -39,6 +39,13 @@ SEGMENTATION_CODE = (_COMPONENTS / "segmentation", _COMPONENTS / "contract.py",
 SCHEMA_GATE_CODE = (_COMPONENTS / "schema_gate",)
 CLUSTERING_CODE = (_COMPONENTS / "clustering", _COMPONENTS / "contract.py",
                    _COMPONENTS / "defects.py")
+# Which of those each step's parameters fingerprint (pipeline.results compares a run's
+# fingerprints with the checkout's).
+CODE_OF_STEP = {"SyntheticStemGen": SYNTHESIS_CODE, "MicrographExampleGen": MICROGRAPH_CODE,
+                "PseudoLabeler": PSEUDO_LABEL_CODE, "SchemaGate": SCHEMA_GATE_CODE,
+                "Transform": MODULES_CODE, "Trainer": MODULES_CODE,
+                "SegmenterTrainer": MODULES_CODE, "SegmentationEvaluator": SEGMENTATION_CODE,
+                "DefectClusterer": CLUSTERING_CODE}
 
 
 def code_fingerprint(paths) -> str:

@@ -40,12 +40,6 @@ SPLITS = ("train", "eval", "test")
 Execution = metadata_store_pb2.Execution
 STATES = {Execution.COMPLETE: "complete", Execution.CACHED: "cached", Execution.FAILED: "failed",
           Execution.RUNNING: "running", Execution.NEW: "new", Execution.CANCELED: "canceled"}
-# graph.py names the code whose fingerprint each custom step's parameters carry.
-FINGERPRINTED_CODE = {"SyntheticStemGen": "SYNTHESIS_CODE", "MicrographExampleGen": "MICROGRAPH_CODE",
-                      "PseudoLabeler": "PSEUDO_LABEL_CODE", "SchemaGate": "SCHEMA_GATE_CODE",
-                      "Transform": "MODULES_CODE", "Trainer": "MODULES_CODE",
-                      "SegmenterTrainer": "MODULES_CODE", "SegmentationEvaluator": "SEGMENTATION_CODE",
-                      "DefectClusterer": "CLUSTERING_CODE"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,8 +270,8 @@ def _code(executions) -> Dict[str, Any]:
         return code
     differ, compared = [], 0
     for component, execution in sorted(executions.items()):
-        attribute = FINGERPRINTED_CODE.get(component)
-        if attribute is None or not hasattr(graph, attribute):
+        paths = graph.CODE_OF_STEP.get(component)
+        if paths is None:
             continue
         recorded = [options.get("code_fingerprint") for options in
                     (_json_property(execution, name) for name in execution.custom_properties)
@@ -285,7 +279,7 @@ def _code(executions) -> Dict[str, Any]:
         if not recorded:
             continue
         compared += 1
-        if recorded[0] != graph.code_fingerprint(getattr(graph, attribute)):
+        if recorded[0] != graph.code_fingerprint(paths):
             differ.append(component)
     if compared:
         code["fingerprints_differ"] = differ
