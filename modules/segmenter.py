@@ -99,8 +99,11 @@ class SegmenterConfig:
     tiles_per_image: int = 8  # random training tiles cut from every image per epoch
     defect_tile_fraction: float = 0.5  # share of training tiles centred on a pseudo-defect
     prior_probability: float = 0.01  # the sigmoid's starting output (defect pixels are rare)
+    seed: int = 0  # weights, file order, shuffles and tiles: the same seed, the same model
 
     def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"segmenter option seed must be a non-negative integer, got {self.seed!r}")
         for name in ("tile_size", "base_filters", "depth", "epochs", "batch_size", "shuffle_buffer",
                      "tiles_per_image", "input_stride"):
             if int(getattr(self, name)) < 1:
@@ -320,22 +323,26 @@ def make_dataset(file_pattern: Union[str, Sequence[str]], config: SegmenterConfi
     files = _files(file_pattern)
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:
-        dataset = dataset.shuffle(len(files))
+        dataset = dataset.shuffle(len(files), seed=config.seed)
     dataset = tf.data.TFRecordDataset(dataset, compression_type="GZIP")
-    dataset = dataset.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=not training)
+    dataset = dataset.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if config.skip_no_lattice:
         dataset = dataset.filter(lambda image, mask, usable: usable)
     if training:
-        dataset = dataset.shuffle(config.shuffle_buffer, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed + 1,
+                                  reshuffle_each_iteration=True)
         if config.tiles_per_image > 1:
             dataset = dataset.flat_map(lambda *example: tf.data.Dataset.from_tensors(example)
                                        .repeat(config.tiles_per_image))
+    # The random tiles are cut one after another: parallel calls would share the random
+    # ops' state in whatever order the threads reach it, and the same seed would give
+    # different tiles (and models). Cutting a tile costs little next to a training step.
     dataset = dataset.map(lambda image, mask, usable: cut_tile(
         image, mask, config.tile_size, training, config.defect_tile_fraction),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+        num_parallel_calls=None if training else tf.data.AUTOTUNE)
     if training and config.tiles_per_image > 1:
-        dataset = dataset.shuffle(config.shuffle_buffer, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed + 2,
+                                  reshuffle_each_iteration=True)
     return dataset.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -396,6 +403,7 @@ def learning_rate_schedule(config: SegmenterConfig) -> keras.callbacks.Callback:
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (reads the PseudoLabeler's examples; no Transform)."""
     config = SegmenterConfig.from_custom_config(fn_args.custom_config)
+    keras.utils.set_random_seed(config.seed)  # before the datasets' random ops are traced
     train = make_dataset(fn_args.train_files, config, training=True)
     validation = make_dataset(fn_args.eval_files, config, training=False)
     model = build_unet(len(DEFECT_CLASSES), config)

@@ -142,7 +142,9 @@ def quarantine_summary(quarantine_uri: str) -> List[str]:
 
     with open(os.path.join(quarantine_uri, QUARANTINE_JSON)) as handle:
         report = json.load(handle)
-    lines = [f"{report['files_used']} of {report['files']} files used, "
+    companions = (f", {report['files_companion']} TIA .emi read through their .ser"
+                  if report.get("files_companion") else "")
+    lines = [f"{report['files_used']} of {report['files']} files used{companions}, "
              f"{report['files_quarantined']} set aside"]
     return lines + [f"{row['relative_path']}: {row['reason']} ({row['detail']})"
                     for row in report["quarantined"]]

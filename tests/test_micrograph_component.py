@@ -13,10 +13,11 @@ import pytest
 from components import contract
 from components.micrographs import reader
 from components.micrographs.executor import (
-    FAILED, QUARANTINE_CSV, QUARANTINE_JSON, MicrographConfig, folder_fingerprint, split_of_file)
+    COMPANION, FAILED, QUARANTINE_CSV, QUARANTINE_JSON, MicrographConfig, folder_fingerprint,
+    split_of_file, summary)
 from tests.test_micrograph_reader import (
-    lattice_image, write_broken_corpus, write_dm, write_emd_velox, write_png, write_ser,
-    write_tiff_imagej)
+    lattice_image, write_broken_corpus, write_dm, write_emd_velox, write_emi, write_png,
+    write_ser, write_tiff_imagej)
 
 
 # ----------------------------------------------------------------- configuration
@@ -102,6 +103,7 @@ def write_folder(root):
                       40.0)
     write_emd_velox(root / "bulk" / "velox.emd", lattice_image(size=128, seed=1), 20.0)
     write_ser(root / "bulk" / "tia_1.ser", lattice_image(pixel_size_pm=25.0, size=96, seed=2), 25.0)
+    write_emi(root / "bulk" / "tia.emi")  # the .ser's metadata: a companion, no examples
     # no pixel size in a PNG: estimated from the lattice (25 pm, resampled to 160 x 160)
     write_png(root / "bulk" / "export.png", lattice_image(pixel_size_pm=25.0, size=128, seed=3),
               "RGB")
@@ -151,11 +153,20 @@ def test_a_folder_becomes_contract_examples_and_every_bad_file_is_quarantined(tm
     with open(tmp_path / "quarantine" / QUARANTINE_CSV) as handle:
         rows = list(csv.DictReader(handle))
     assert {row["relative_path"]: row["reason"] for row in rows} == expected_reasons
-    assert report["files"] == len(expected_reasons) + 5
+    assert report["files"] == len(expected_reasons) + 5 + 1
     assert report["files_used"] == 5 and report["files_quarantined"] == len(expected_reasons)
     assert sum(report["quarantined_by_reason"].values()) == len(expected_reasons)
     assert report["pixel_size_sources"] == {"estimated": 1, "metadata": 4}
     assert quarantine.get_int_custom_property("files_quarantined") == len(expected_reasons)
+    assert report["files_companion"] == quarantine.get_int_custom_property("files_companion") == 1
+    assert report["companions"] == [dict(relative_path="bulk/tia.emi", ser_files=["bulk/tia_1.ser"],
+                                         path=str(root / "bulk" / "tia.emi"))]
+    assert ", 1 TIA .emi beside their .ser, " in summary(report)
+    from pipeline.reports import quarantine_summary
+
+    assert quarantine_summary(quarantine.uri)[0] == (
+        f"5 of {report['files']} files used, 1 TIA .emi read through their .ser, "
+        f"{len(expected_reasons)} set aside")
     (estimate,) = report["estimated_pixel_sizes"]
     assert estimate["relative_path"] == "bulk/export.png" and estimate["used"]
     assert estimate["estimated_pixel_size_pm"] == pytest.approx(25.0, rel=0.03)
@@ -189,6 +200,20 @@ def test_a_folder_becomes_contract_examples_and_every_bad_file_is_quarantined(tm
     (_, png), = by_file["bulk/export.png"]
     assert png.pixel_size_source == "estimated"
     assert png.source_pixel_size_pm == pytest.approx(25.0, rel=0.03)
+
+
+def test_an_emi_is_the_companion_of_its_ser_files_or_quarantined_without_them(tmp_path):
+    from components.micrographs.executor import process_file
+
+    write_emi(tmp_path / "scan.emi")
+    config = MicrographConfig(root=str(tmp_path), material="SrTiO3")
+    paired = process_file(str(tmp_path / "scan.emi"), "scan.emi", config, ["scan_1.ser"])
+    assert paired.examples == [] and paired.record["status"] == COMPANION
+    assert paired.record["ser_files"] == ["scan_1.ser"] and "scan_1.ser" in paired.record["detail"]
+    lone = process_file(str(tmp_path / "scan.emi"), "scan.emi", config)
+    assert lone.examples == [] and lone.record["status"] == "quarantined"
+    assert lone.record["reason"] == reader.EMI_WITHOUT_SER
+    assert "no scan_1.ser" in lone.record["detail"]
 
 
 def test_the_pseudo_labeler_takes_real_examples_unchanged(tmp_path):

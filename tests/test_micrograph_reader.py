@@ -3,7 +3,7 @@
 Every format is written here with a known pixel size and read back: TIFF with tifffile
 (ImageJ unit, metric resolution unit) and with rosettasciio's TIFF writer, PNG with Pillow,
 Berkeley EMD with rosettasciio's writer. rosettasciio cannot write Digital Micrograph
-(.dm3/.dm4), Velox EMD or TIA (.ser) files, so minimal valid files of those formats are
+(.dm3/.dm4), Velox EMD or TIA (.ser, .emi) files, so minimal valid files of those formats are
 written byte by byte below, after the formats' published layouts, and read back through
 rosettasciio's own readers. The helpers are imported by test_micrograph_component.py.
 """
@@ -166,6 +166,18 @@ def write_ser(path, image, pixel_size_pm):
         handle.write(struct.pack("<II", data_at, tag_at) + element + struct.pack("<HHI", 0x4152, 0, 0))
 
 
+def write_emi(path, mode="STEM HAADF Image"):
+    """A minimal TIA .emi: binary, holding the acquisition's metadata as one XML
+    `<ObjectInfo>` per signal, the only part rosettasciio's .emi reader parses (no whitespace
+    between tags, which it would take for values)."""
+    xml = ("<ObjectInfo><AcquireDate>Mon Jan 08 10:00:00 2024</AcquireDate>"
+           "<ExperimentalDescription><Root><Data><Label>Mode</Label>"
+           f"<Value>{mode}</Value><Unit></Unit></Data></Root></ExperimentalDescription>"
+           "<AcquireInfo><DwellTimePath>1e-05</DwellTimePath></AcquireInfo></ObjectInfo>")
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<HHI", 0x4949, 0x0197, 0) + xml.encode() + b"\0" * 8)
+
+
 def to_uint8(image):
     scaled = (image - image.min()) / (image.max() - image.min()) * 255
     return np.round(scaled).astype(np.uint8)
@@ -288,6 +300,7 @@ def write_broken_corpus(folder):
     write_dm(folder / "whole.dm3", image, 20.0)
     (folder / "truncated.dm3").write_bytes((folder / "whole.dm3").read_bytes()[:300])
     (folder / "empty.emd").write_bytes(b"")
+    write_emi(folder / "lone.emi")  # its lone_1.ser is missing
     nan = image.copy()
     nan[3, 5] = np.nan
     write_tiff_imagej(folder / "nan.tif", nan, 20.0)
@@ -305,6 +318,7 @@ def write_broken_corpus(folder):
         "notes.txt": reader.UNSUPPORTED,
         "truncated.dm3": reader.UNREADABLE,
         "empty.emd": reader.UNREADABLE,
+        "lone.emi": reader.EMI_WITHOUT_SER,
         "nan.tif": reader.NON_FINITE,
         "inf.dm4": reader.NON_FINITE,
         "constant.tif": reader.CONSTANT,
@@ -330,6 +344,66 @@ def test_stacks_of_several_images_are_not_2d_but_singleton_axes_are_dropped():
     with pytest.raises(reader.BadMicrograph) as caught:
         reader.to_intensity(np.ones((5, 8, 9)))
     assert caught.value.reason == reader.NOT_2D and "(5, 8, 9)" in caught.value.detail
+
+
+# ------------------------------------------------------------------ TIA .emi/.ser
+
+
+def test_the_emi_written_here_is_one_rosettasciio_pairs_with_its_ser(tmp_path):
+    """The fixture is a real pair: rosettasciio's .emi reader opens `a_1.ser` and `a_2.ser`
+    (not `ab_1.ser`, nor the .ser of another folder) and fills in the .emi's metadata; the
+    pairing of ser_files_by_emi agrees."""
+    from rsciio.tia import file_reader
+
+    image = np.random.default_rng(2).normal(100, 10, (24, 40)).astype(np.float32)
+    (tmp_path / "sub").mkdir()
+    for name in ("a_1.ser", "a_2.ser", "ab_1.ser", "sub/a_1.ser"):
+        write_ser(tmp_path / name, image, 20.0)
+    write_emi(tmp_path / "a.emi")
+    signals = file_reader(str(tmp_path / "a.emi"))
+    opened = sorted(s["metadata"]["General"]["original_filename"] for s in signals)
+    assert opened == ["a_1.ser", "a_2.ser"]
+    assert signals[0]["original_metadata"]["ObjectInfo"]["ExperimentalDescription"]["Mode"] == (
+        "STEM HAADF Image")
+    np.testing.assert_allclose(signals[0]["data"], image)
+    paths = ["a.emi", "a_1.ser", "a_2.ser", "ab_1.ser", "sub/a_1.ser"]
+    assert reader.ser_files_by_emi(paths) == {"a.emi": opened}
+
+
+def test_every_emi_is_paired_with_the_ser_files_of_its_folder_and_stem():
+    paths = ["x/scan.emi", "x/scan_1.ser", "x/scan_12.ser", "x/scan_1_1.ser", "x/scan_1.emi",
+             "x/scan_a.ser", "y/scan_2.ser", "y/lone.emi", "SHOUT.EMI", "SHOUT_1.SER",
+             "scan_1.ser", "x/scan.tif"]
+    assert reader.ser_files_by_emi(paths) == {
+        "x/scan.emi": ["x/scan_1.ser", "x/scan_12.ser"],
+        "x/scan_1.emi": ["x/scan_1_1.ser"],
+        "y/lone.emi": [],
+        "SHOUT.EMI": ["SHOUT_1.SER"],
+    }
+
+
+def test_an_emi_read_on_its_own_is_refused_naming_its_ser(tmp_path):
+    write_emi(tmp_path / "scan.emi")
+    with pytest.raises(reader.BadMicrograph) as caught:
+        reader.read_micrograph(str(tmp_path / "scan.emi"))
+    assert caught.value.reason == reader.EMI_WITHOUT_SER and "scan_1.ser" in caught.value.detail
+
+
+def test_a_ser_is_read_alike_with_its_emi_broken_or_missing(tmp_path):
+    """rosettasciio's .ser reader does not open the .emi: a broken one (which its .emi reader
+    refuses) changes nothing in the image or its calibration."""
+    from rsciio.tia import file_reader
+
+    image = np.random.default_rng(3).normal(100, 10, (32, 48)).astype(np.float32)
+    write_ser(tmp_path / "scan_1.ser", image, 23.5)
+    alone = reader.read_micrograph(str(tmp_path / "scan_1.ser"))
+    (tmp_path / "scan.emi").write_bytes(b"\x49\x49\x97\x01<ObjectInfo><AcquireDate>trunc")
+    with pytest.raises(Exception):
+        file_reader(str(tmp_path / "scan.emi"))
+    beside = reader.read_micrograph(str(tmp_path / "scan_1.ser"))
+    np.testing.assert_array_equal(beside.image, alone.image)
+    np.testing.assert_allclose(beside.image, image, rtol=1e-6)
+    assert beside.pixel_size_pm == alone.pixel_size_pm == pytest.approx((23.5, 23.5), rel=1e-5)
 
 
 # ------------------------------------------------------------ resampling, tiling

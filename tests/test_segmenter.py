@@ -58,7 +58,7 @@ def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
         segmenter.SegmenterConfig(tile_size=36, depth=3)
     for bad in (dict(tiles_per_image=0), dict(defect_tile_fraction=1.5),
                 dict(defect_tile_fraction=-0.1), dict(prior_probability=0.0),
-                dict(prior_probability=1.0)):
+                dict(prior_probability=1.0), dict(seed=-1), dict(seed=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             segmenter.SegmenterConfig(**bad)
 
@@ -183,19 +183,30 @@ def test_examples_without_a_lattice_are_skipped_unless_asked(tmp_path):
         segmenter.make_dataset([str(tmp_path / "nowhere" / "*.gz")], tiny(), training=False)
 
 
-def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
+def training_examples(root):
+    """Six training and two validation images in TFRecords under root; the validation ones."""
     train = [micrograph((40, 40), channel=i % C, seed=i, square=(12, 18, 14, 20)) for i in range(6)]
     evaluation = [micrograph((40, 40), channel=1, seed=10 + i, square=(12, 18, 14, 20)) for i in range(2)]
-    write(str(tmp_path / "examples" / "Split-train" / "data_tfrecord-00000-of-00001.gz"), train)
-    write(str(tmp_path / "examples" / "Split-eval" / "data_tfrecord-00000-of-00001.gz"), evaluation)
-    fn_args = types.SimpleNamespace(
-        train_files=[str(tmp_path / "examples" / "Split-train" / "*.gz")],
-        eval_files=[str(tmp_path / "examples" / "Split-eval" / "*.gz")],
-        serving_model_dir=str(tmp_path / "serving"),
-        model_run_dir=str(tmp_path / "run"),
-        custom_config=dict(TINY, epochs=1, input_stride=2, tiles_per_image=2,
-                           defect_tile_fraction=0.5, code_fingerprint="test"),
+    write(str(root / "examples" / "Split-train" / "data_tfrecord-00000-of-00001.gz"), train)
+    write(str(root / "examples" / "Split-eval" / "data_tfrecord-00000-of-00001.gz"), evaluation)
+    return evaluation
+
+
+def fn_args_for(root, run_name="run", **options):
+    return types.SimpleNamespace(
+        train_files=[str(root / "examples" / "Split-train" / "*.gz")],
+        eval_files=[str(root / "examples" / "Split-eval" / "*.gz")],
+        serving_model_dir=str(root / f"serving-{run_name}"),
+        model_run_dir=str(root / run_name),
+        custom_config=dict(TINY, **dict(dict(epochs=1, input_stride=2, tiles_per_image=2,
+                                             defect_tile_fraction=0.5, code_fingerprint="test"),
+                                        **options)),
     )
+
+
+def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
+    evaluation = training_examples(tmp_path)
+    fn_args = fn_args_for(tmp_path)
     segmenter.run_fn(fn_args)
 
     history = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -225,6 +236,26 @@ def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
                                same[segmenter.PROBABILITIES].numpy(), atol=1e-4)
     assert np.abs(as_given(images=tf.constant(raw))[segmenter.PROBABILITIES].numpy()
                   - same[segmenter.PROBABILITIES].numpy()).max() > 1e-3
+
+
+def test_the_same_seed_trains_the_same_model_and_another_seed_another(tmp_path):
+    evaluation = training_examples(tmp_path)
+    images = tf.constant(np.stack([m.image for m in evaluation]))
+
+    def train(run_name, seed):
+        fn_args = fn_args_for(tmp_path, run_name, seed=seed, epochs=2)
+        tf.random.set_seed(12345 + seed)  # whatever came before must not matter
+        segmenter.run_fn(fn_args)
+        history = json.loads((tmp_path / run_name / "history.json").read_text())
+        served = tf.saved_model.load(fn_args.serving_model_dir).signatures["serving_images"]
+        return history["loss"], served(images=images)[segmenter.PROBABILITIES].numpy()
+
+    loss, probabilities = train("first", seed=7)
+    again_loss, again_probabilities = train("again", seed=7)
+    assert again_loss == loss
+    np.testing.assert_array_equal(again_probabilities, probabilities)
+    other_loss, other_probabilities = train("other", seed=8)
+    assert other_loss != loss and np.abs(other_probabilities - probabilities).max() > 1e-4
 
 
 def test_mask_scores_adds_f1_to_the_pseudo_label_quality():

@@ -35,7 +35,8 @@ class MicrographExampleGenSpec(types.ComponentSpec):
 
 class MicrographExampleGen(base_beam_component.BaseBeamComponent):
     """Examples of the data contract from .dm3/.dm4/.emd/.ser/.tif/.png files under a folder,
-    tiled at the pipeline's pixel size, in splits `train`, `eval`, `test` by source file.
+    tiled at the pipeline's pixel size, in splits `train`, `eval`, `test` by source file (a
+    .ser's TIA .emi is reported as its companion).
 
     The configuration is checked here, so a bad one stops the pipeline's construction with a
     message naming the field, not a run halfway.

@@ -6,7 +6,9 @@ tiles and written as examples of the data contract. A file that cannot be used i
 dropped silently and never stops the run: it is set aside with its reason in the quarantine
 report. The split is drawn from a hash of the file's path relative to the root, so all tiles
 of one file share a split (no leakage between train and test) and a file keeps its split
-when others are added.
+when others are added. A TIA acquisition is `name.emi` (metadata) and `name_<n>.ser` (the
+images): the .ser files are read, and the .emi is listed in the report as their companion;
+an .emi whose .ser files are missing is quarantined.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import tensorflow as tf
@@ -42,6 +44,8 @@ QUARANTINE_CSV = "quarantine.csv"
 QUARANTINE_COLUMNS = ("relative_path", "reason", "detail", "path")
 # A failure outside the checks (a bug, or a file no check foresaw): still set aside, not fatal.
 FAILED = "failed"
+# Status of a TIA .emi beside its .ser files: no examples of its own, listed in the report.
+COMPANION = "companion"
 # `Vacancy_12.tif` -> `Vacancy`, `stacking_fault_3.dm4` -> `stacking_fault`: the stem up to
 # a last `_<number>`.
 DEFAULT_LABEL_PATTERN = r"^(?P<label>.+?)_\d+$"
@@ -261,12 +265,24 @@ def _pixel_size(raw: reader.RawMicrograph, config: MicrographConfig,
     raise reader.BadMicrograph(reader.NO_PIXEL_SIZE, "; ".join(why))
 
 
-def process_file(path: str, relative_path: str, config: MicrographConfig) -> FileResult:
-    """Every example of one file, or none and the reason it was set aside."""
+def process_file(path: str, relative_path: str, config: MicrographConfig,
+                 ser_files: Sequence[str] = ()) -> FileResult:
+    """Every example of one file, or none and the reason it was set aside. For a TIA .emi,
+    `ser_files` are those of its acquisition (reader.ser_files_by_emi): with them it is their
+    companion, which gives no examples (its images are in them); without, it is quarantined."""
     split = split_of_file(relative_path, config.split_tenths)
     record: Dict[str, Any] = dict(path=path, relative_path=relative_path, status="ok", reason="",
                                   detail="", split=split, notes=[])
     try:
+        stem, extension = os.path.splitext(os.path.basename(relative_path))
+        if extension.lower() == reader.TIA_METADATA_EXTENSION:
+            if not ser_files:
+                raise reader.BadMicrograph(
+                    reader.EMI_WITHOUT_SER, f"no {stem}_1.ser (nor any {stem}_<n>.ser) beside it: "
+                                            f"the .emi holds only metadata; the image is missing")
+            record.update(status=COMPANION, ser_files=list(ser_files),
+                          detail=f"TIA metadata; its images are read from {', '.join(ser_files)}")
+            return FileResult(record, [])
         with _local_copy(path) as local:
             raw = reader.read_micrograph(local)
         record["notes"].extend(raw.notes)
@@ -311,11 +327,13 @@ def process_file(path: str, relative_path: str, config: MicrographConfig) -> Fil
 
 
 def build_report(records: List[Dict[str, Any]], config: MicrographConfig) -> Dict[str, Any]:
-    """quarantine.json: every file set aside and why, the counts, and the pixel sizes that
-    were estimated from the lattice (used or not)."""
+    """quarantine.json: every file set aside and why, the TIA .emi files read through their
+    .ser files, the counts, and the pixel sizes that were estimated from the lattice (used or
+    not)."""
     records = sorted(records, key=lambda r: r["relative_path"])
     quarantined = [r for r in records if r["status"] == "quarantined"]
     used = [r for r in records if r["status"] == "ok"]
+    companions = [r for r in records if r["status"] == COMPANION]
     by_reason: Dict[str, int] = {}
     for record in quarantined:
         by_reason[record["reason"]] = by_reason.get(record["reason"], 0) + 1
@@ -329,12 +347,15 @@ def build_report(records: List[Dict[str, Any]], config: MicrographConfig) -> Dic
         files=len(records),
         files_used=len(used),
         files_quarantined=len(quarantined),
+        files_companion=len(companions),
         quarantined_by_reason=dict(sorted(by_reason.items())),
         examples_by_split={split: sum(r["tiles"] for r in used if r["split"] == split)
                            for split in SPLITS},
         files_by_split={split: sum(1 for r in used if r["split"] == split) for split in SPLITS},
         pixel_size_sources=dict(sorted(by_source.items())),
         quarantined=[{key: r[key] for key in QUARANTINE_COLUMNS} for r in quarantined],
+        companions=[{key: r[key] for key in ("relative_path", "ser_files", "path")}
+                    for r in companions],
         estimated_pixel_sizes=[
             dict(relative_path=r["relative_path"],
                  estimated_pixel_size_pm=r["estimated_pixel_size_pm"],
@@ -357,7 +378,8 @@ def write_report(report: Dict[str, Any], folder: str) -> None:
 def summary(report: Dict[str, Any]) -> str:
     """The run summary: counts, and every file set aside with its reason."""
     lines = [f"MicrographExampleGen: {report['files']} files under {report['root']}: "
-             f"{report['files_used']} used, {report['files_quarantined']} quarantined "
+             f"{report['files_used']} used, {report['files_companion']} TIA .emi beside their "
+             f".ser, {report['files_quarantined']} quarantined "
              f"{report['quarantined_by_reason']}; examples {report['examples_by_split']}; "
              f"pixel sizes from {report['pixel_size_sources']}"]
     lines += [f"  quarantined {row['relative_path']}: {row['reason']}: {row['detail']}"
@@ -372,6 +394,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
            exec_properties: Dict[str, Any]) -> None:
         config = MicrographConfig.from_json(exec_properties["micrograph_config"])
         files = list_files(config.root)
+        ser_files = reader.ser_files_by_emi(relative for _, relative in files)
         examples = artifact_utils.get_single_instance(output_dict["examples"])
         examples.split_names = artifact_utils.encode_split_names(list(SPLITS))
         examples.set_string_custom_property(
@@ -383,7 +406,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             results = (
                 pipeline
                 | "Files" >> beam.Create(files, reshuffle=True)
-                | "Read" >> beam.Map(lambda item: process_file(*item, config))
+                | "Read" >> beam.Map(
+                    lambda item: process_file(*item, config, ser_files.get(item[1], ())))
             )
             write_splits(results | "Examples" >> beam.FlatMap(lambda result: result.examples),
                          examples.uri)
@@ -398,7 +422,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                    for line in tf.io.gfile.GFile(path).read().splitlines() if line.strip()]
         report = build_report(records, config)
         write_report(report, quarantine.uri)
-        for name in ("files", "files_used", "files_quarantined"):
+        for name in ("files", "files_used", "files_quarantined", "files_companion"):
             quarantine.set_int_custom_property(name, report[name])
         logging.info(summary(report))
         for row in report["quarantined"]:

@@ -9,15 +9,19 @@ Formats: Digital Micrograph (.dm3, .dm4), EMD (.emd: Velox and Berkeley/NCEM), T
 through rosettasciio; TIFF through tifffile, whose tags rosettasciio's TIFF reader leaves
 unread (an ImageJ `unit`, metric resolution units; vendor tags are still asked of
 rosettasciio when tifffile finds no calibration); PNG through Pillow (PNG holds no pixel
-size a microscope writes).
+size a microscope writes). TIA writes each acquisition as `name.emi` (metadata only) and
+`name_1.ser`, `name_2.ser` ... (the signals, with their calibration): the .ser is read on its
+own (rosettasciio's .ser reader does not open the .emi), and `ser_files_by_emi` pairs each
+.emi with its .ser files so that a folder reader can tell a companion from a lone .emi.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -27,6 +31,7 @@ RSCIIO_EXTENSIONS = (".dm3", ".dm4", ".emd", ".ser")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 PNG_EXTENSIONS = (".png",)
 EXTENSIONS = RSCIIO_EXTENSIONS + TIFF_EXTENSIONS + PNG_EXTENSIONS
+TIA_METADATA_EXTENSION = ".emi"  # no image: the metadata of the .ser files beside it
 
 # Reasons a file is set aside (the quarantine report counts them).
 UNSUPPORTED = "unsupported_type"  # no micrograph extension
@@ -39,8 +44,9 @@ ABSURD_PIXEL_SIZE = "absurd_pixel_size"  # outside the configured plausible rang
 NO_PIXEL_SIZE = "no_pixel_size"  # none in the file, none estimated, no fallback
 TOO_SMALL = "too_small"  # under min_size pixels after resampling
 TOO_LARGE = "too_large"  # over max_frame_pixels after resampling
+EMI_WITHOUT_SER = "emi_without_ser"  # a TIA .emi (metadata) without the .ser holding its image
 REASONS = (UNSUPPORTED, UNREADABLE, NOT_AN_IMAGE, NOT_2D, NON_FINITE, CONSTANT,
-           ABSURD_PIXEL_SIZE, NO_PIXEL_SIZE, TOO_SMALL, TOO_LARGE)
+           ABSURD_PIXEL_SIZE, NO_PIXEL_SIZE, TOO_SMALL, TOO_LARGE, EMI_WITHOUT_SER)
 
 LABEL_SOURCES = ("folder", "pattern")
 UNKNOWN_LABEL = "unknown"
@@ -146,7 +152,12 @@ def check_pixel_size(pixel_size_pm: float, plausible_pm: Tuple[float, float], or
 
 def read_micrograph(path: str) -> RawMicrograph:
     """One file's image and calibration; BadMicrograph when it is no readable 2-D image."""
-    extension = os.path.splitext(path)[1].lower()
+    stem, extension = os.path.splitext(os.path.basename(path))
+    extension = extension.lower()
+    if extension == TIA_METADATA_EXTENSION:
+        raise BadMicrograph(EMI_WITHOUT_SER, f"a TIA .emi holds only metadata; the image is in "
+                                             f"{stem}_1.ser ({stem}_<n>.ser for further "
+                                             f"signals): read that file")
     if extension not in EXTENSIONS:
         raise BadMicrograph(UNSUPPORTED, f"extension {extension or '(none)'!r} is not one of "
                                          f"{', '.join(EXTENSIONS)}")
@@ -276,6 +287,28 @@ def _read_png(path: str):
             picture = picture.getchannel("L")
         array = np.asarray(picture)
     return array, None, []
+
+
+def ser_files_by_emi(relative_paths: Iterable[str]) -> Dict[str, List[str]]:
+    """{every .emi among the `/`-separated paths: the .ser files of its acquisition, sorted}; an
+    empty list means the acquisition's image is missing. TIA names them `name.emi` and
+    `name_<n>.ser` in one folder; rosettasciio's .emi reader pairs them by the same rule
+    (globbing `name_[0-9].ser`; any number is taken here, since each .ser is read anyway)."""
+    paths = sorted(relative_paths)
+    sers: Dict[Tuple[str, str], List[str]] = {}
+    for path in paths:
+        folder, name = posixpath.split(path)
+        base, extension = os.path.splitext(name)
+        signal = re.fullmatch(r"(.+)_\d+", base)
+        if extension.lower() == ".ser" and signal:
+            sers.setdefault((folder, signal.group(1)), []).append(path)
+    found = {}
+    for path in paths:
+        folder, name = posixpath.split(path)
+        stem, extension = os.path.splitext(name)
+        if extension.lower() == TIA_METADATA_EXTENSION:
+            found[path] = sers.get((folder, stem), [])
+    return found
 
 
 # ------------------------------------------------------------------- resampling, tiling
