@@ -14,7 +14,7 @@ Five stages, each the project's own science code at the settings of a pipeline p
   and batched as the Trainer does; the inputs are random arrays of the model's input shape,
   cycled from a bank of at most INPUT_BANK and streamed through tf.data as the Trainer streams
   its TFRecords (a CNN's arithmetic does not depend on the pixel values);
-- unet_inference: segmenter.predict_images of an untrained build_unet (the profile's size) on
+- unet_inference: segmenter.predict of an untrained build_unet (the profile's size) on
   N images of the synthesis size, in batches of the clustering component's batch size;
 - clustering: grouping.cluster (k-means per k, silhouette on a fixed sample) and grouping.embed
   (t-SNE of a sample) with the clustering component's settings, on N synthetic descriptor
@@ -235,16 +235,19 @@ def measure_unet_inference(images: int, settings: dict) -> dict:
     config = segmenter.SegmenterConfig.from_custom_config(settings["segmenter"])
     model = segmenter.build_unet(len(DEFECT_CLASSES), config)
     size, batch = settings["image_size"], settings["clustering"]["batch_size"]
-    predict = tf.function(lambda x: segmenter.predict_images(model, x, config.multiple),
-                          input_signature=[tf.TensorSpec([None, size, size], tf.float32)])
-    counts = np.random.default_rng(settings["seed"]).poisson(
-        50.0, size=(batch, size, size)).astype(np.float32)
-    predict(counts).numpy()  # traces the graph
+    spec = tf.TensorSpec([None, size, size], tf.float32)
+    predict = tf.function(
+        lambda x, z: segmenter.predict(model, segmenter.network_input(x, z, config.inputs),
+                                       config.multiple), input_signature=[spec, spec])
+    rng = np.random.default_rng(settings["seed"])
+    counts = rng.poisson(50.0, size=(batch, size, size)).astype(np.float32)
+    deviation = rng.standard_normal((batch, size, size), dtype=np.float32)
+    predict(counts, deviation).numpy()  # traces the graph
     ready, clock, done = peak_rss_mib(), Clock(), 0
     with clock:
         while done < images:
             count = min(batch, images - done)
-            predict(counts[:count]).numpy()
+            predict(counts[:count], deviation[:count]).numpy()
             done += count
     return {**clock.times(), "peak_mib_after_setup": ready,
             "notes": {"batch_size": batch, "base_filters": config.base_filters,

@@ -7,7 +7,8 @@
 
 Data: the simulator's default SimulationConfig (every material, every label it declares,
 bulk included, in plan_dataset's balanced order), pseudo-labelled by the teacher
-(components.pseudo_labels.lattice.pseudo_labels, from the image alone). The training and
+(components.pseudo_labels.lattice.pseudo_labels, from the image alone: its masks and its
+deviation map, as the PseudoLabeler writes them). The training and
 validation images come from seed_for(seed, i) (the first --train-per-class images of each
 (material, label) pair train, the next --eval-per-class validate, as the pipeline's split
 does), the held-out test images from seed_for(seed + 1, i). The default seed is used by no
@@ -28,8 +29,11 @@ simulated with the same settings (the simulator itself fails at 1024 pixels and 
 through the sliding-window predictor (pipeline.segment_folder.load_predictor, i.e.
 `serving_standardised`, and components.segmentation.tiling.predict_tiled: 256-pixel tiles,
 64 overlap, batches of 8) in a fresh subprocess with TensorFlow held to --threads threads.
-Reported: the seconds of
-predict_tiled, megapixels of the frame per second, and the peak resident memory of that
+For a U-Net that reads the teacher's deviation map (the default), the frame's map is
+computed first (components.segmentation.tiling.deviation_map: the pseudo-labeller on 512-pixel
+blocks; the mosaic's pieces have lattices of their own, so blocks that straddle two of them
+fit worse than a real frame's would, which does not change their cost). Reported: the seconds
+of both together and of the teacher alone, megapixels of the frame per second, and the peak resident memory of that
 whole process (resource.getrusage(RUSAGE_SELF).ru_maxrss: Python, TensorFlow, the model,
 the frame and the maps together; an upper bound on what the prediction needs). Also the
 throughput of whole --size images through `serving_images` in the main process. The
@@ -100,13 +104,19 @@ def labelled_set(seed: int, per_class: int, config: SimulationConfig,
     for index, material, label, occurrence in plan:
         sim = simulate_image(material, label, seed_for(seed, index), config)
         try:
-            mask, status = pseudo_labels(sim.image, teacher).mask, "ok"  # the image only
-        except ValueError as error:  # no lattice: an empty mask that means "unknown"
-            mask, status = np.zeros_like(sim.mask), f"no_lattice: {error}"
+            labels = pseudo_labels(sim.image, teacher)  # the image only
+            teacher_output = dict(mask_pseudo=labels.mask, deviation=labels.deviation,
+                                  deviation_z=labels.z, noise_sigma=float(labels.noise),
+                                  pseudo_label_status="ok")
+        except ValueError as error:  # no lattice: empty maps that mean "unknown"
+            empty = np.zeros_like(sim.image)
+            teacher_output = dict(mask_pseudo=np.zeros_like(sim.mask), deviation=empty,
+                                  deviation_z=empty, noise_sigma=1.0,
+                                  pseudo_label_status=f"no_lattice: {error}")
         micrograph = contract.Micrograph(
             image=sim.image, material=material, label=label, pixel_size_pm=sim.pixel_size_pm,
             source=f"simulated seed [{seed}, {index}]", defect_classes=sim.defect_classes,
-            mask_true=sim.mask, dose=sim.dose, mask_pseudo=mask, pseudo_label_status=status)
+            mask_true=sim.mask, dose=sim.dose, **teacher_output)
         out.append(Labelled(micrograph, index, occurrence, sim.dose))
     return out
 
@@ -167,17 +177,22 @@ def scores(counts: np.ndarray) -> dict:
 
 
 def predict_whole(model_dir: str, items, batch: int = 8):
-    """(C, H, W) probabilities of each image through `serving_images`, and megapixels/s."""
+    """(C, H, W) probabilities of each image through `serving_images` (with the teacher's
+    deviation map when the model reads it), and megapixels/s."""
     import tensorflow as tf
+
+    from components.segmentation.serving import signature_arguments
 
     serve = tf.saved_model.load(model_dir).signatures["serving_images"]
     images = [item.micrograph.image for item in items]
-    serve(images=tf.constant(np.stack(images[:1])))  # trace once, not timed
+    deviations = [item.micrograph.deviation_z for item in items]
+    serve(**signature_arguments(serve, images[:1], deviations[:1]))  # trace once, not timed
     out, seconds = [], 0.0
     for start in range(0, len(images), batch):
-        chunk = np.stack(images[start:start + batch])
+        arguments = signature_arguments(serve, np.stack(images[start:start + batch]),
+                                        np.stack(deviations[start:start + batch]))
         began = time.perf_counter()
-        answer = serve(images=tf.constant(chunk))["probabilities"].numpy()
+        answer = serve(**arguments)["probabilities"].numpy()
         seconds += time.perf_counter() - began
         out += list(np.moveaxis(answer, -1, 1))
     pixels = sum(image.size for image in images)
@@ -232,27 +247,32 @@ def score_held_out(items, probabilities, edges: np.ndarray) -> tuple:
 
 
 def time_frame(model_dir: str, frame_path: str, threads: int) -> dict:
-    """In this (fresh) process: load the model, predict the frame tile by tile; seconds and
-    this process's peak resident memory."""
+    """In this (fresh) process: load the model, predict the frame tile by tile (after the
+    teacher's deviation map of it, for a model that reads one); seconds and this process's
+    peak resident memory."""
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from components.segmentation.tiling import predict_tiled
+    from components.segmentation.tiling import deviation_map, predict_tiled
     from pipeline.segment_folder import load_predictor
 
     began = time.perf_counter()
     predictor = load_predictor(model_dir)
     load_s = time.perf_counter() - began
     frame = np.load(frame_path, mmap_mode="r")
-    predictor(np.zeros((1, TILE, TILE), np.float32))  # trace once, not timed
+    empty = np.zeros((1, TILE, TILE), np.float32)
+    predictor(*([empty, empty] if predictor.needs_deviation else [empty]))  # trace, not timed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     began = time.perf_counter()
+    deviation = deviation_map(frame) if predictor.needs_deviation else None
+    teacher_s = time.perf_counter() - began
     maps = predict_tiled(frame, predictor, tile=TILE, overlap=OVERLAP, batch_size=BATCH,
-                         num_classes=len(DEFECT_CLASSES))
+                         num_classes=len(DEFECT_CLASSES), deviation=deviation)
     seconds = time.perf_counter() - began
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"height": int(frame.shape[0]), "width": int(frame.shape[1]), "seconds": seconds,
+            "teacher_seconds": teacher_s if predictor.needs_deviation else None,
             "model_load_s": load_s, "megapixels_per_s": frame.size / 1e6 / seconds,
             "peak_rss_bytes": peak, "peak_rss_gib": peak / 2**30,
             "peak_rss_before_predict_gib": before / 2**30, "threads": threads,
@@ -411,9 +431,11 @@ def tables(report: dict) -> str:
         lines.append(f"| {title} | {part['images']} | " + " | ".join(cells) + " |")
     speed, frame = report["speed"], report["speed"]["frame"]
     calib = report["calibration_before"]
+    teacher = (f", of which {frame['teacher_seconds']:.1f} s for the teacher's deviation map "
+               f"the model reads" if frame.get("teacher_seconds") is not None else "")
     lines += ["", f"Inference: {frame['height']} x {frame['width']} frame through the sliding "
               f"window ({frame['tile']} px tiles, {frame['overlap']} overlap) in "
-              f"{frame['seconds']:.1f} s ({frame['megapixels_per_s']:.2f} MP/s, "
+              f"{frame['seconds']:.1f} s{teacher} ({frame['megapixels_per_s']:.2f} MP/s, "
               f"{frame['threads']} threads), peak memory {frame['peak_rss_gib']:.2f} GiB "
               f"(ru_maxrss of the whole process; {frame['peak_rss_before_predict_gib']:.2f} GiB "
               f"with the model loaded, before the frame); whole {s['size']} x {s['size']} images "

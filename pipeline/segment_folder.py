@@ -37,7 +37,11 @@ batch of already standardised tiles named `images` and returns `probabilities` [
 training image is before its tiles are cut (`--no-standardise`: the files hold standardised
 frames already); the model must not standardise each tile again by its own statistics (see
 `components/segmentation/tiling.py`). A model exported before that signature existed has
-only `serving_images`, which does exactly that: it is still used, with a warning.
+only `serving_images`, which does exactly that: it is still used, with a warning. A model
+that reads the teacher's deviation map beside the image (the default since the U-Net's
+`inputs` option) also takes `deviation_z` tiles: the command computes each frame's map with
+the pseudo-labeller, block by block (`components.segmentation.tiling.deviation_map`; about
+20 s of one core for a 4096 x 4096 frame), and cuts it into the same tiles.
 Everything else works with any `predict_batch` callable, so `main(argv, predictor=...)` runs
 without a model.
 """
@@ -56,13 +60,13 @@ from typing import IO, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from components.defects import DEFECT_CLASSES
-from components.segmentation.tiling import PredictorOutputError, predict_tiled
+from components.segmentation import serving
+from components.segmentation.tiling import PredictorOutputError, deviation_map, predict_tiled
 
-SIGNATURE = "serving_standardised"
+SIGNATURE = serving.STANDARDISED_SIGNATURE
 # Older exports: standardises every tile by itself (the frame's standardisation is then lost).
-PER_TILE_SIGNATURE = "serving_images"
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
+PER_TILE_SIGNATURE = serving.IMAGES_SIGNATURE
+OUTPUT_NAME = serving.PROBABILITIES
 EXTENSIONS = (".tif", ".tiff", ".png", ".npy")
 SUMMARY = "summary.csv"
 THRESHOLD = 0.5
@@ -75,9 +79,11 @@ class OutputExists(Exception):
 
 
 def load_predictor(model_dir: str) -> PredictBatch:
-    """predict_batch of a SavedModel: float32 (N, H, W) standardised tiles -> float32
+    """predict_batch of a SavedModel: float32 (N, H, W) standardised tiles (and, for a model
+    that reads the teacher's deviation map, their (N, H, W) deviation tiles) -> float32
     (N, H, W, C) probabilities, through its `serving_standardised` signature, or (with a
-    warning on stderr) the per-tile standardising `serving_images` of an older export."""
+    warning on stderr) the per-tile standardising `serving_images` of an older export. Its
+    attribute `needs_deviation` says whether the deviation tiles are wanted."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
 
@@ -95,14 +101,15 @@ def load_predictor(model_dir: str) -> PredictBatch:
                          f"{', '.join(sorted(model.signatures)) or 'none'})")
     serve = model.signatures[name]
 
-    def predict_batch(images: np.ndarray) -> np.ndarray:
-        answer = serve(**{INPUT_NAME: tf.constant(images, tf.float32)})
+    def predict_batch(images: np.ndarray, deviation_z: Optional[np.ndarray] = None) -> np.ndarray:
+        answer = serve(**serving.signature_arguments(serve, images, deviation_z, source=model_dir))
         if OUTPUT_NAME not in answer:
             raise PredictorOutputError(f"signature {name!r} of {model_dir} returned "
                                        f"{sorted(answer)}, not {OUTPUT_NAME!r}")
         return answer[OUTPUT_NAME].numpy()
 
     predict_batch.model = model  # keeps the loaded objects alive with the function
+    predict_batch.needs_deviation = serving.takes_deviation(serve)
     return predict_batch
 
 
@@ -246,9 +253,10 @@ def segment_one(job: Job, predictor: PredictBatch, args: argparse.Namespace,
     start = time.perf_counter()
     try:
         image = read_micrograph(job.source)
+        deviation = deviation_map(image) if getattr(predictor, "needs_deviation", False) else None
         maps = predict_tiled(image, predictor, tile=args.tile, overlap=args.overlap,
                              batch_size=args.batch_size, num_classes=len(class_names),
-                             standardise=args.standardise)
+                             standardise=args.standardise, deviation=deviation)
         with output("maps") as handle:
             if args.format == "npy":
                 write_maps_npy(maps, handle)

@@ -30,13 +30,18 @@ def test_config_reads_overrides_and_refuses_unknown_or_bad_fields():
 
 
 class _FakeSegmenter:
-    """Stands in for the SavedModel's serving_images: class c's map is the image times c/C."""
+    """Stands in for the SavedModel's serving_images of a segmenter that reads the deviation
+    map beside the image: class c's map is the image times c/C."""
+
+    structured_input_signature = ((), {"images": None, "deviation_z": None})
 
     def __init__(self):
         self.batch_shapes = []
+        self.deviation_shapes = []
 
-    def __call__(self, images):
+    def __call__(self, images, deviation_z):
         self.batch_shapes.append(tuple(images.shape))
+        self.deviation_shapes.append(tuple(deviation_z.shape))
         scale = np.arange(1, len(DEFECT_CLASSES) + 1, dtype=np.float32) / len(DEFECT_CLASSES)
         return {"probabilities": tf.constant(np.asarray(images)[..., None] * scale)}
 
@@ -57,10 +62,11 @@ def test_describe_step_batches_images_by_shape_and_keeps_each_source():
     batch = [("train", _serialized("a", (32, 32))[0]), ("test", _serialized("b", (48, 40))[0]),
              ("train", _serialized("c", (32, 32), status="no_lattice: no Bragg peaks")[0])]
     rows = list(describe.process(batch))
-    assert sorted(fake.batch_shapes) == [(1, 48, 40), (2, 32, 32)]
+    assert sorted(fake.batch_shapes) == sorted(fake.deviation_shapes) == [(1, 48, 40), (2, 32, 32)]
     assert {(row["split"], row["source"]) for row in rows} == {("train", "a"), ("test", "b"), ("train", "c")}
     _, micrograph = _serialized("b", (48, 40))
-    maps = np.moveaxis(fake(micrograph.image[None])["probabilities"].numpy()[0], -1, 0)
+    answer = fake(micrograph.image[None], micrograph.deviation_z[None])["probabilities"]
+    maps = np.moveaxis(answer.numpy()[0], -1, 0)
     expected = descriptors.describe(maps, micrograph.deviation_z, DEFECT_CLASSES, threshold=0.5,
                                     pixel_size_pm=20.0)
     row = next(row for row in rows if row["source"] == "b")

@@ -176,30 +176,66 @@ def test_load_predictor_calls_the_serving_standardised_signature(tmp_path, capsy
         segment_folder.load_predictor(str(tmp_path / "other"))
 
 
-def test_an_exported_unet_sees_tiles_of_one_standardised_frame(tmp_path):
-    """Through load_predictor the tiles of a frame reach the U-Net as cut from the frame
-    standardised once, so the tiled answer is the whole frame's answer (up to the tile
-    borders' context); the per-tile `serving_images` rescales each tile and is far off."""
+@pytest.mark.parametrize("inputs", [("image",), ("image", "deviation_z")])
+def test_an_exported_unet_sees_tiles_of_one_standardised_frame(tmp_path, inputs):
+    """Through load_predictor the tiles of a frame (and of its deviation map, for a model
+    that reads one) reach the U-Net as cut from the frame standardised once, so the tiled
+    answer is the whole frame's answer (up to the tile borders' context); the per-tile
+    `serving_images` rescales each tile and is far off."""
     tf = pytest.importorskip("tensorflow")
+    from components.segmentation import serving
     from modules import segmenter
+    from modules.transform import scale_deviation
 
-    config = segmenter.SegmenterConfig(tile_size=32, base_filters=4, depth=2, input_stride=2)
+    config = segmenter.SegmenterConfig(tile_size=32, base_filters=4, depth=2, input_stride=2,
+                                       inputs=inputs)
     model = segmenter.build_unet(C, config)
     tf.saved_model.save(model, str(tmp_path / "unet"), signatures=segmenter._signatures(model, config))
     rng = np.random.default_rng(6)
     # Tiles of a frame with a strong gradient have very different means and spreads.
     frame = (np.add.outer(np.linspace(0, 40, 160), np.linspace(0, 20, 128))
              + rng.normal(size=(160, 128))).astype(np.float32)
+    deviation = (rng.normal(size=frame.shape) * 4).astype(np.float32) if len(inputs) > 1 else None
     standardised = (frame - frame.mean()) / frame.std()
-    whole = model(standardised[None, ..., None], training=False).numpy()[0]
+    channels = [standardised] + ([scale_deviation(deviation).numpy()] if len(inputs) > 1 else [])
+    whole = model(np.stack(channels, -1)[None], training=False).numpy()[0]
     whole = np.moveaxis(whole, -1, 0)
-    tiled = predict_tiled(frame, segment_folder.load_predictor(str(tmp_path / "unet")),
-                          tile=64, overlap=32, batch_size=4)
+    predictor = segment_folder.load_predictor(str(tmp_path / "unet"))
+    assert predictor.needs_deviation == (len(inputs) > 1)
+    tiled = predict_tiled(frame, predictor, tile=64, overlap=32, batch_size=4, deviation=deviation)
     per_tile_model = tf.saved_model.load(str(tmp_path / "unet")).signatures["serving_images"]
-    per_tile = predict_tiled(
-        frame, lambda tiles: per_tile_model(images=tf.constant(tiles))["probabilities"].numpy(),
-        tile=64, overlap=32, batch_size=4)
+
+    def per_tile_predictor(tiles, deviation_tiles=None):
+        arguments = serving.signature_arguments(per_tile_model, tiles, deviation_tiles)
+        return per_tile_model(**arguments)["probabilities"].numpy()
+
+    per_tile = predict_tiled(frame, per_tile_predictor, tile=64, overlap=32, batch_size=4,
+                             deviation=deviation)
     inner = (slice(None), slice(16, -16), slice(16, -16))
     error = np.abs(tiled - whole)[inner].mean()
     per_tile_error = np.abs(per_tile - whole)[inner].mean()
     assert error < 0.2 * per_tile_error, (error, per_tile_error)
+
+
+def test_a_model_that_reads_the_deviation_map_gets_the_teachers_map_of_each_frame(tmp_path):
+    from components.segmentation.tiling import deviation_map
+    from components.synthesis.simulator import SimulationConfig, seed_for, simulate_image
+
+    root = tmp_path / "in"
+    root.mkdir()
+    image = simulate_image("SrTiO3", "vacancy", seed_for(5, 0), SimulationConfig(size=160)).image
+    np.save(root / "lattice.npy", image)
+    seen = []
+
+    def predictor(tiles, deviation_tiles):
+        seen.append(deviation_tiles)
+        return fake_predictor(deviation_tiles)
+
+    predictor.needs_deviation = True
+    assert segment_folder.main(["--input", str(root), "--output", str(tmp_path / "out")] + TILE,
+                               predictor=predictor) == 0
+    maps = np.load(tmp_path / "out" / "lattice_maps.npy").astype(np.float32)
+    expected = predict_tiled(deviation_map(image), lambda t: fake_predictor(t), tile=64, overlap=16,
+                             standardise=False)
+    np.testing.assert_allclose(maps, expected, atol=2e-3)  # float16 maps
+    assert seen and np.abs(np.concatenate(seen)).max() > 3  # the vacancies stand out

@@ -58,7 +58,9 @@ def test_benchmark_writes_the_report_its_heat_map_and_its_table(bench, tmp_path,
     assert set(saved["by_material"]) == {"SrTiO3", "CdTe"}
     frame = saved["speed"]["frame"]
     assert (frame["height"], frame["width"]) == (300, 300)
-    assert frame["seconds"] > 0 and frame["megapixels_per_s"] > 0
+    assert frame["seconds"] > frame["teacher_seconds"] > 0  # the default U-Net reads the deviation
+    assert saved["training"]["config"]["inputs"] == ["image", "deviation_z"]
+    assert frame["megapixels_per_s"] > 0
     assert 2**20 < frame["peak_rss_bytes"] < 64 * 2**30  # a real process's resident memory
     assert 0 < frame["peak_rss_before_predict_gib"] <= frame["peak_rss_gib"]
     assert len(frame["fraction_above_threshold"]) == len(DEFECT_CLASSES)
@@ -71,4 +73,4 @@ def test_benchmark_writes_the_report_its_heat_map_and_its_table(bench, tmp_path,
     table = capsys.readouterr().out
     assert "| class | student IoU | teacher IoU |" in table
     assert all(f"| {name} |" in table for name in DEFECT_CLASSES)
-    assert "300 x 300 frame" in table
+    assert "300 x 300 frame" in table and "for the teacher's deviation map" in table

@@ -11,10 +11,12 @@ import tensorflow as tf  # noqa: E402
 
 from components import contract  # noqa: E402
 from components.defects import DEFECT_CLASSES  # noqa: E402
+from components.segmentation import serving  # noqa: E402
 from modules import segmenter  # noqa: E402
 
 C = len(DEFECT_CLASSES)
 TINY = dict(tile_size=32, base_filters=4, depth=2, batch_size=4)
+DEVIATION = 10.0  # sigmas, in the test images' deviation maps (scaled to 2.0 for the network)
 
 
 def tiny(**changes):
@@ -22,18 +24,21 @@ def tiny(**changes):
 
 
 def micrograph(shape=(48, 48), square=(20, 28, 20, 28), channel=1, seed=0, status="ok"):
-    """Noise with a bright square where mask_pseudo marks it (in `channel`); mask_true is
-    all ones, so any trace of it in a batch shows."""
+    """Noise with a bright square where mask_pseudo marks it (in `channel`), and a deviation
+    map of +DEVIATION sigmas there, -1 elsewhere; mask_true is all ones, so any trace of it
+    in a batch shows."""
     rng = np.random.default_rng(seed)
     image = rng.normal(0.0, 1.0, shape).astype(np.float32)
     pseudo = np.zeros((C,) + shape, np.uint8)
     r0, r1, c0, c1 = square
     pseudo[channel, r0:r1, c0:c1] = 1
     image[r0:r1, c0:c1] += 50.0
+    deviation = np.full(shape, -1.0, np.float32)
+    deviation[r0:r1, c0:c1] = DEVIATION
     return contract.Micrograph(
         image=image, material="SrTiO3", label="vacancy", pixel_size_pm=20.0, source=f"test-{seed}",
         mask_true=np.ones((C,) + shape, np.uint8), mask_pseudo=pseudo,
-        pseudo_label_status=status)
+        deviation=deviation, deviation_z=deviation, noise_sigma=1.0, pseudo_label_status=status)
 
 
 def write(path, micrographs):
@@ -65,15 +70,18 @@ def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
 
 def test_the_network_starts_at_the_prior_not_at_one_half():
     model = segmenter.build_unet(C, tiny(prior_probability=0.02))
-    out = model(np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)).numpy()
+    out = model(np.random.default_rng(1).normal(size=(2, 32, 32, 2)).astype(np.float32)).numpy()
     # The last layer's weights are random, so the output scatters around the prior.
     assert 0.005 < np.median(out) < 0.08
 
 
-@pytest.mark.parametrize("height, width, stride", [(20, 36, 1), (44, 12, 1), (24, 40, 2)])
-def test_unet_takes_any_multiple_of_the_stride_times_two_to_the_depth(height, width, stride):
-    model = segmenter.build_unet(C, tiny(input_stride=stride))
-    out = model(np.random.default_rng(1).normal(size=(2, height, width, 1)).astype(np.float32)).numpy()
+@pytest.mark.parametrize("height, width, stride, inputs",
+                         [(20, 36, 1, ("image",)), (44, 12, 1, ("image", "deviation_z")),
+                          (24, 40, 2, ("deviation_z", "image"))])
+def test_unet_takes_any_multiple_of_the_stride_times_two_to_the_depth(height, width, stride, inputs):
+    model = segmenter.build_unet(C, tiny(input_stride=stride, inputs=inputs))
+    x = np.random.default_rng(1).normal(size=(2, height, width, len(inputs))).astype(np.float32)
+    out = model(x).numpy()
     assert out.shape == (2, height, width, C)  # the full resolution, whatever the stride
     assert np.all((out >= 0) & (out <= 1))
     with pytest.raises(ValueError, match="divisible"):
@@ -112,10 +120,11 @@ def test_validation_batches_are_the_central_pseudo_mask_never_mask_true(tmp_path
     micrographs = [micrograph(shape, square=(12, 20, 12, 20), channel=i, seed=i)
                    for i, shape in enumerate(shapes)]
     pattern = write(str(tmp_path / "Split-eval" / "data.gz"), micrographs)
-    [(images, masks)] = batches(pattern, tiny(), training=False)
-    assert images.shape == (3, 32, 32, 1) and masks.shape == (3, 32, 32, C)
+    [(inputs, masks)] = batches(pattern, tiny(), training=False)
+    assert inputs.shape == (3, 32, 32, 2) and masks.shape == (3, 32, 32, C)
+    images, deviations = inputs[..., 0], inputs[..., 1]
 
-    for one, image, mask in zip(micrographs, images, masks):
+    for one, image, deviation, mask in zip(micrographs, images, deviations, masks):
         height, width = one.image.shape
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2
@@ -128,10 +137,16 @@ def test_validation_batches_are_the_central_pseudo_mask_never_mask_true(tmp_path
             expected[:, start:start + side, start:start + side] = one.mask_pseudo[:, top:top + side,
                                                                                    left:left + side]
         np.testing.assert_array_equal(mask, np.moveaxis(expected, 0, -1))
-        # the bright square sits where the mask says
-        assert np.all(image[mask.sum(-1) > 0] > 1.5) and np.all(image[mask.sum(-1) == 0] < 1.5)
+        # the bright square sits where the mask says, in the image and the deviation map
+        # (scaled: DEVIATION sigmas / modules.transform.DEVIATION_SCALE; zero padding outside)
+        marked = mask.sum(-1) > 0
+        assert np.all(image[marked] > 1.5) and np.all(image[~marked] < 1.5)
+        np.testing.assert_allclose(deviation[marked], DEVIATION / 5.0)
+        assert np.all(deviation[~marked] <= 0)
     # standardised over the whole image (the 32 x 32 one is its own tile)
     assert abs(images[1].mean()) < 1e-4 and abs(images[1].std() - 1) < 1e-3
+    [(image_only, _)] = batches(pattern, tiny(inputs=["image"]), training=False)
+    np.testing.assert_array_equal(image_only[..., 0], images)
 
 
 def test_training_tiles_are_augmented_together_and_never_read_mask_true(tmp_path):
@@ -140,15 +155,17 @@ def test_training_tiles_are_augmented_together_and_never_read_mask_true(tmp_path
     micrographs = [micrograph((48, 48), channel=i % C, seed=i) for i in range(4)]
     pattern = write(str(tmp_path / "Split-train" / "data.gz"), micrographs)
     seen_positions = set()
-    for _ in range(4):
-        for images, masks in batches(pattern, tiny(batch_size=3), training=True):
-            assert images.shape[1:] == (32, 32, 1) and masks.shape[1:] == (32, 32, C)
+    dataset = segmenter.make_dataset(pattern, tiny(batch_size=3), training=True)
+    for _ in range(4):  # epochs: the same dataset cuts other tiles each time
+        for images, masks in dataset.as_numpy_iterator():
+            assert images.shape[1:] == (32, 32, 2) and masks.shape[1:] == (32, 32, C)
             for image, mask in zip(images, masks):
                 assert mask.sum() == 64  # the whole 8 x 8 square, one channel, no mask_true
                 channel = np.flatnonzero(mask.sum((0, 1)))
                 assert len(channel) == 1
                 square = mask[..., channel[0]] > 0
                 np.testing.assert_array_equal(image[..., 0] > 1.5, square)
+                np.testing.assert_array_equal(image[..., 1] > 1.5, square)  # turned together
                 rows, cols = np.nonzero(square)
                 seen_positions.add((rows.min(), cols.min()))
     assert len(seen_positions) > 3  # random crops move the square around
@@ -204,51 +221,66 @@ def fn_args_for(root, run_name="run", **options):
     )
 
 
-def test_run_fn_trains_exports_and_serves_both_signatures(tmp_path):
+@pytest.mark.parametrize("inputs", [("image", "deviation_z"), ("image",)])
+def test_run_fn_trains_exports_and_serves_every_signature(tmp_path, inputs):
     evaluation = training_examples(tmp_path)
-    fn_args = fn_args_for(tmp_path)
+    fn_args = fn_args_for(tmp_path, inputs=list(inputs))
     segmenter.run_fn(fn_args)
 
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["loss"]) == 1 and "val_loss" in history and "val_iou" in history
+    assert history["config"][0]["inputs"] == list(inputs)
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
 
     loaded = tf.saved_model.load(fn_args.serving_model_dir)
+    serving_images = loaded.signatures["serving_images"]
+    as_given = loaded.signatures["serving_standardised"]
     serialized = [contract.to_example(one).SerializeToString() for one in evaluation]
     by_examples = loaded.signatures["serving_default"](examples=tf.constant(serialized))
     assert by_examples[segmenter.PROBABILITIES].shape == (2, 40, 40, C)
     # 38 x 42 is not a multiple of input_stride x 2**depth = 8: padded and cropped back
     odd = np.random.default_rng(5).normal(size=(3, 38, 42)).astype(np.float32)
-    by_images = loaded.signatures["serving_images"](images=tf.constant(odd))
+    by_images = serving_images(**serving.signature_arguments(serving_images, odd, odd))
     probabilities = by_images[segmenter.PROBABILITIES].numpy()
     assert probabilities.shape == (3, 38, 42, C)
     assert np.all((probabilities >= 0) & (probabilities <= 1))
-    # the two signatures agree on the same images
+    # the signatures agree on the same images
     raw = np.stack([m.image for m in evaluation])
-    same = loaded.signatures["serving_images"](images=tf.constant(raw))
+    deviation = np.stack([m.deviation_z for m in evaluation])
+    same = serving_images(**serving.signature_arguments(serving_images, raw, deviation))
     np.testing.assert_allclose(same[segmenter.PROBABILITIES].numpy(),
                                by_examples[segmenter.PROBABILITIES].numpy(), atol=1e-5)
     # serving_standardised takes the standardised images as they are: the same answer for
     # images standardised beforehand, another one for raw images (no second standardisation)
     standardised = (raw - raw.mean(axis=(1, 2), keepdims=True)) / raw.std(axis=(1, 2), keepdims=True)
-    as_given = loaded.signatures["serving_standardised"]
-    np.testing.assert_allclose(as_given(images=tf.constant(standardised))[segmenter.PROBABILITIES],
-                               same[segmenter.PROBABILITIES].numpy(), atol=1e-4)
-    assert np.abs(as_given(images=tf.constant(raw))[segmenter.PROBABILITIES].numpy()
+    given = as_given(**serving.signature_arguments(as_given, standardised, deviation))
+    np.testing.assert_allclose(given[segmenter.PROBABILITIES], same[segmenter.PROBABILITIES].numpy(),
+                               atol=1e-4)
+    unscaled = as_given(**serving.signature_arguments(as_given, raw, deviation))
+    assert np.abs(unscaled[segmenter.PROBABILITIES].numpy()
                   - same[segmenter.PROBABILITIES].numpy()).max() > 1e-3
+    if "deviation_z" in inputs:  # the deviation map is read, and asked for by name
+        other = serving_images(**serving.signature_arguments(serving_images, raw, -deviation))
+        assert np.abs(other[segmenter.PROBABILITIES].numpy()
+                      - same[segmenter.PROBABILITIES].numpy()).max() > 1e-4
+        with pytest.raises(ValueError, match="scan.tif: this segmenter reads the pseudo-labeller's "
+                                             "deviation_z"):
+            serving.signature_arguments(serving_images, raw, None, source="scan.tif")
+    else:
+        assert set(serving.signature_arguments(serving_images, raw, None)) == {"images"}
 
 
 def test_the_same_seed_trains_the_same_model_and_another_seed_another(tmp_path):
     evaluation = training_examples(tmp_path)
-    images = tf.constant(np.stack([m.image for m in evaluation]))
+    examples = tf.constant([contract.to_example(one).SerializeToString() for one in evaluation])
 
     def train(run_name, seed):
         fn_args = fn_args_for(tmp_path, run_name, seed=seed, epochs=2)
         tf.random.set_seed(12345 + seed)  # whatever came before must not matter
         segmenter.run_fn(fn_args)
         history = json.loads((tmp_path / run_name / "history.json").read_text())
-        served = tf.saved_model.load(fn_args.serving_model_dir).signatures["serving_images"]
-        return history["loss"], served(images=images)[segmenter.PROBABILITIES].numpy()
+        served = tf.saved_model.load(fn_args.serving_model_dir).signatures["serving_default"]
+        return history["loss"], served(examples=examples)[segmenter.PROBABILITIES].numpy()
 
     loss, probabilities = train("first", seed=7)
     again_loss, again_probabilities = train("again", seed=7)

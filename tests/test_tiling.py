@@ -6,8 +6,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from components.segmentation.tiling import (PredictorOutputError, blend_window, frame_statistics,
-                                            predict_tiled, tile_origins)
+from components.segmentation.tiling import (PredictorOutputError, blend_window, deviation_map,
+                                            frame_statistics, predict_tiled, tile_origins)
 
 
 def mean3(frames):
@@ -152,6 +152,46 @@ def test_errors_are_clear():
     broken[40, 3] = np.nan
     with pytest.raises(ValueError, match="non-finite.*row 40"):
         predict_tiled(broken, lambda t: t[..., None], tile=64, overlap=16)
+
+
+def test_a_deviation_map_is_cut_into_the_same_tiles_and_left_as_it_is():
+    image = np.random.default_rng(8).normal(size=(150, 130)).astype(np.float32)
+    deviation = np.add.outer(np.arange(150.0), 1000 * np.arange(130.0)).astype(np.float32)
+    calls = []
+
+    def predictor(tiles, deviation_tiles):
+        calls.append(deviation_tiles.shape)
+        return np.stack([tiles, deviation_tiles], axis=-1)
+
+    out = predict_tiled(image, predictor, tile=64, overlap=16, batch_size=3, deviation=deviation)
+    np.testing.assert_allclose(out[0], (image - image.mean()) / image.std(), atol=1e-4)
+    np.testing.assert_allclose(out[1], deviation, rtol=1e-6)  # unscaled, every pixel in place
+    assert calls and all(shape[1:] == (64, 64) and shape[0] <= 3 for shape in calls)
+    small = predict_tiled(image[:40, :50], predictor, tile=64, overlap=16,
+                          deviation=deviation[:40, :50])  # padded alike, cropped alike
+    np.testing.assert_allclose(small[1], deviation[:40, :50], rtol=1e-6)
+    with pytest.raises(ValueError, match="deviation map's shape"):
+        predict_tiled(image, predictor, tile=64, overlap=16, deviation=deviation[:100])
+
+
+def test_the_teachers_deviation_map_of_a_frame_is_blended_from_blocks():
+    from components.pseudo_labels.lattice import pseudo_labels
+    from components.synthesis.simulator import SimulationConfig, seed_for, simulate_image
+
+    sim = simulate_image("SrTiO3", "vacancy", seed_for(3, 0), SimulationConfig(size=384))
+    whole = pseudo_labels(sim.image).z
+    blended = deviation_map(sim.image, block=256, overlap=64)  # 2 x 2 blocks
+    assert blended.shape == sim.image.shape and blended.dtype == np.float32
+    # each block fits the lattice on its own, so the maps differ in detail but not in substance
+    assert np.corrcoef(blended.ravel(), whole.ravel())[0, 1] > 0.8
+    vacancy = sim.mask[0] > 0
+    assert blended[vacancy].mean() < -3 and abs(np.median(blended)) < 1
+    # no lattice (noise only): zeros, as the PseudoLabeler writes for such an image
+    noise = np.random.default_rng(0).normal(size=(300, 300)).astype(np.float32)
+    np.testing.assert_array_equal(deviation_map(noise, block=256, overlap=64), 0.0)
+    noise[5, 7] = np.inf
+    with pytest.raises(ValueError, match="non-finite.*row 5"):
+        deviation_map(noise)
 
 
 def test_a_large_frame_runs_in_bounded_memory():

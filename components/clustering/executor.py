@@ -33,6 +33,7 @@ from components.clustering import descriptors, figures, grouping
 from components.defects import DEFECT_CLASSES
 from components.pseudo_labels.executor import STATUS_OK
 from components.segmentation.executor import read_split
+from components.segmentation import serving
 
 REPORT_FILE = "clusters.json"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -105,7 +106,7 @@ class DescribeFn(beam.DoFn):
         self._predict = None
 
     def setup(self):
-        self._predict = tf.saved_model.load(self._model_dir).signatures["serving_images"]
+        self._predict = tf.saved_model.load(self._model_dir).signatures[serving.IMAGES_SIGNATURE]
 
     def process(self, batch: Sequence[Tuple[str, bytes]]) -> Iterable[Dict[str, Any]]:
         by_shape = collections.defaultdict(list)
@@ -114,7 +115,11 @@ class DescribeFn(beam.DoFn):
             by_shape[micrograph.image.shape].append((split, micrograph))
         for group in by_shape.values():
             images = np.stack([micrograph.image for _, micrograph in group])
-            maps = self._predict(images=images)["probabilities"].numpy()  # [N, H, W, C]
+            deviations = [micrograph.deviation_z for _, micrograph in group]
+            arguments = serving.signature_arguments(
+                self._predict, images, None if any(d is None for d in deviations) else np.stack(deviations),
+                source=group[0][1].source)
+            maps = self._predict(**arguments)["probabilities"].numpy()  # [N, H, W, C]
             for (split, micrograph), probabilities in zip(group, maps):
                 # An image without a lattice has an all-zero deviation map that means "none".
                 deviation = (micrograph.deviation_z if micrograph.pseudo_label_status == STATUS_OK

@@ -24,7 +24,7 @@ from tfx.utils import path_utils
 
 from components import contract, progress
 from components.defects import DEFECT_CLASSES
-from components.segmentation import heatmaps
+from components.segmentation import heatmaps, serving
 
 EVALUATION_FILE = "segmentation_evaluation.json"
 COMPARISONS = ("student_vs_pseudo", "student_vs_truth", "teacher_vs_truth")
@@ -112,15 +112,17 @@ class Executor(base_executor.BaseExecutor):
         evaluation = artifact_utils.get_single_instance(output_dict["evaluation"])
         blessing = artifact_utils.get_single_instance(output_dict["blessing"])
 
-        serving = tf.saved_model.load(
+        exported = tf.saved_model.load(
             path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model)))
-        predict_images = serving.signatures["serving_images"]
+        predict_images = exported.signatures[serving.IMAGES_SIGNATURE]
         split_files = os.path.join(artifact_utils.get_split_uri([examples], options["split"]), "*.gz")
         predicted = progress.Progress("SegmentationEvaluator", progress.count_records(split_files),
                                       "images")
 
         def predict(micrograph):
-            probabilities = predict_images(images=tf.constant(micrograph.image[np.newaxis]))
+            deviation = None if micrograph.deviation_z is None else micrograph.deviation_z[np.newaxis]
+            probabilities = predict_images(**serving.signature_arguments(
+                predict_images, micrograph.image[np.newaxis], deviation, source=micrograph.source))
             predicted.advance()
             return np.moveaxis(probabilities["probabilities"].numpy()[0], -1, 0)
 

@@ -147,14 +147,19 @@ def _pad_to_tile(image: np.ndarray, tile: int) -> Tuple[np.ndarray, Tuple[int, i
     return padded, (top, left)
 
 
+def _cut(frame: np.ndarray, chunk: List[Tuple[int, int]], tile: int) -> np.ndarray:
+    tiles = np.empty((len(chunk), tile, tile), np.float32)
+    for index, (row, column) in enumerate(chunk):
+        tiles[index] = frame[row:row + tile, column:column + tile]
+    return tiles
+
+
 def _batches(frame: np.ndarray, origins: List[Tuple[int, int]], tile: int, batch_size: int,
              offset: float, scale: float) -> Iterator[Tuple[List[Tuple[int, int]], np.ndarray]]:
     """Lazily: (origins, float32 (N, tile, tile) standardised tiles), N <= batch_size."""
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
-        tiles = np.empty((len(chunk), tile, tile), np.float32)
-        for index, (row, column) in enumerate(chunk):
-            tiles[index] = frame[row:row + tile, column:column + tile]
+        tiles = _cut(frame, chunk, tile)
         if offset or scale != 1.0:
             tiles -= np.float32(offset)
             tiles *= np.float32(1.0 / scale)
@@ -163,7 +168,7 @@ def _batches(frame: np.ndarray, origins: List[Tuple[int, int]], tile: int, batch
 
 def predict_tiled(image: np.ndarray, predict_batch: PredictBatch, tile: int = 256,
                   overlap: int = 64, batch_size: int = 8, num_classes: Optional[int] = None,
-                  standardise: bool = True) -> np.ndarray:
+                  standardise: bool = True, deviation: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-class probabilities, float32 (C, H, W), of a frame of any size.
 
     image: 2-D array (H, W), any real dtype, possibly memory-mapped.
@@ -175,6 +180,9 @@ def predict_tiled(image: np.ndarray, predict_batch: PredictBatch, tile: int = 25
     num_classes: C, checked against the predictor's answer when given.
     standardise: subtract the whole frame's mean and divide by its standard deviation (by 1
         for a constant frame) before tiling; see the module's docstring for why not per tile.
+    deviation: a second (H, W) map of the same frame for a model that reads one (the
+        teacher's deviation map, `deviation_map`): cut into the same tiles, as it is, and
+        given to the predictor as its second argument, `predict_batch(tiles, deviation_tiles)`.
 
     Raises ValueError for a frame that is not 2-D or is empty, or (when standardising) has a
     non-finite value; PredictorOutputError when the predictor's answer has the wrong shape.
@@ -190,12 +198,17 @@ def predict_tiled(image: np.ndarray, predict_batch: PredictBatch, tile: int = 25
     if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
         raise ValueError(f"expected a real-valued frame, got dtype {image.dtype}")
     height, width = image.shape
+    if deviation is not None and np.shape(deviation) != image.shape:
+        raise ValueError(f"the deviation map's shape {np.shape(deviation)} is not the frame's "
+                         f"{image.shape}")
 
     offset, scale = 0.0, 1.0
     if standardise:
         offset, scale = frame_statistics(image)
         scale = scale if scale > 0 else 1.0
     frame, (top, left) = _pad_to_tile(image, tile)
+    if deviation is not None:
+        deviation, _ = _pad_to_tile(deviation, tile)
     frame_height, frame_width = frame.shape
     origins = tile_origins(frame.shape, tile, overlap)
     windows = {}  # one window per combination of tapered sides (at most 16)
@@ -203,7 +216,8 @@ def predict_tiled(image: np.ndarray, predict_batch: PredictBatch, tile: int = 25
     total = None
     weight = np.zeros((frame_height, frame_width), np.float32)
     for chunk, tiles in _batches(frame, origins, tile, batch_size, offset, scale):
-        answer = np.asarray(predict_batch(tiles))
+        answer = np.asarray(predict_batch(tiles) if deviation is None else
+                            predict_batch(tiles, _cut(deviation, chunk, tile)))
         if (answer.ndim != 4 or answer.shape[:3] != (len(chunk), tile, tile)
                 or (num_classes is not None and answer.shape[3] != num_classes)):
             classes = "C" if num_classes is None else str(num_classes)
@@ -229,3 +243,37 @@ def predict_tiled(image: np.ndarray, predict_batch: PredictBatch, tile: int = 25
     if frame is not image:  # an axis was padded: cut the frame out again
         total = np.ascontiguousarray(total[:, top:top + height, left:left + width])
     return total
+
+
+DEVIATION_BLOCK = 512  # pixels: a few dozen unit cells, as the teacher needs; memory stays small
+DEVIATION_OVERLAP = 64
+
+
+def deviation_map(image: np.ndarray, block: int = DEVIATION_BLOCK,
+                  overlap: int = DEVIATION_OVERLAP, config=None) -> np.ndarray:
+    """The teacher's deviation map (`components.pseudo_labels`: the image minus its fitted
+    bulk lattice, in noise sigmas), float32 (H, W), of a frame of any size, for a segmenter
+    that reads it beside the image.
+
+    The teacher runs on overlapping `block`-pixel blocks, blended as `predict_tiled` blends
+    a model's tiles: a training image is one such block (256 pixels), the lattice is fitted
+    where it is locally, and the memory stays that of one block. A block without a lattice
+    (vacuum, amorphous material) gives zeros, as the PseudoLabeler writes for such an image.
+    Raises ValueError for a frame with a non-finite pixel.
+    """
+    from components.pseudo_labels.lattice import PseudoLabelConfig, pseudo_labels
+
+    config = config or PseudoLabelConfig()
+    frame_statistics(image)  # ValueError for a NaN or an infinite pixel, naming its row
+
+    def teacher(blocks: np.ndarray) -> np.ndarray:
+        maps = np.zeros(blocks.shape + (1,), np.float32)
+        for index, one in enumerate(blocks):
+            try:
+                maps[index, ..., 0] = pseudo_labels(one, config).z
+            except ValueError:  # no lattice in this block
+                pass
+        return maps
+
+    return predict_tiled(image, teacher, tile=block, overlap=overlap, batch_size=1,
+                         num_classes=1, standardise=False)[0]

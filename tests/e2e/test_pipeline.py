@@ -121,9 +121,11 @@ def test_segmenter_is_scored_against_pseudo_labels_and_truth_then_pushed(runs):
     assert pushed["pushed"].int_value == 1
     destination = pushed["pushed_destination"].string_value
     assert destination.startswith(runs.segmenter_serving_dir)
-    image = next(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri, "test")).image
-    maps = tf.saved_model.load(destination).signatures["serving_images"](images=tf.constant(image[None]))
-    assert maps["probabilities"].shape == (1,) + image.shape + (len(DEFECT_CLASSES),)
+    micrograph = next(reports.read_split(artifacts["PseudoLabeler.pseudo_labelled_examples"].uri, "test"))
+    serve = tf.saved_model.load(destination).signatures["serving_images"]
+    maps = serve(images=tf.constant(micrograph.image[None]),
+                 deviation_z=tf.constant(micrograph.deviation_z[None]))  # the teacher's map too
+    assert maps["probabilities"].shape == (1,) + micrograph.image.shape + (len(DEFECT_CLASSES),)
 
 
 def test_every_example_is_clustered_and_leads_back_to_its_micrograph(runs):
