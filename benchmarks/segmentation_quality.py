@@ -33,9 +33,10 @@ For a U-Net that reads the teacher's deviation map (the default), the frame's ma
 computed first (components.segmentation.tiling.deviation_map: the pseudo-labeller on 512-pixel
 blocks; the mosaic's pieces have lattices of their own, so blocks that straddle two of them
 fit worse than a real frame's would, which does not change their cost). Reported: the seconds
-of both together and of the teacher alone, megapixels of the frame per second, and the peak resident memory of that
-whole process (resource.getrusage(RUSAGE_SELF).ru_maxrss: Python, TensorFlow, the model,
-the frame and the maps together; an upper bound on what the prediction needs). Also the
+of both together and of the teacher alone, megapixels of the frame per second, and the peak
+resident memory of that whole process (resource.getrusage(RUSAGE_SELF).ru_maxrss: Python,
+TensorFlow, the model, the frame and the maps together; an upper bound on what the
+prediction needs). Also the
 throughput of whole --size images through `serving_images` in the main process. The
 machine's state is recorded as in the other benchmarks: compare numbers from one machine.
 

@@ -2,7 +2,8 @@
 
 The teacher (components/pseudo_labels) marks defect pixels from the image alone; this
 student learns to do the same from the standardised image and the teacher's evidence, one
-sigmoid output channel per defect class (the channel order of `components.defects.DEFECT_CLASSES`, as in every mask).
+sigmoid output channel per defect class (the channel order of
+`components.defects.DEFECT_CLASSES`, as in every mask).
 It is trained on `mask_pseudo` and never reads `mask_true`: the ground truth is kept for
 scoring (`mask_scores`), which is what makes the comparison of student and teacher against
 it honest.
@@ -49,10 +50,10 @@ Exported signatures (see `_signatures`):
   .signature_arguments` builds the arguments a given export takes.
 - `serving_standardised`: `images` [N, H, W] float32 already standardised (the model's own
   input, as training sees it; `deviation_z` as above) -> `probabilities` [N, H, W, C]
-  float32. For tiles of a larger
-  frame (`components/segmentation/tiling.py`): the frame is standardised once as a whole, as
-  a training image is before it is tiled; `serving_images` would scale every tile by its own
-  statistics instead, so overlapping tiles would disagree about the same pixels.
+  float32. For tiles of a larger frame (`components/segmentation/tiling.py`): the frame is
+  standardised once as a whole, as a training image is before it is tiled; `serving_images`
+  would scale every tile by its own statistics instead, so overlapping tiles would disagree
+  about the same pixels.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) ->
     With `input_stride` s > 1 the U-Net works on the image averaged over s x s pixels and
     its logits are enlarged back bilinearly.
 
-    Input [N, H, W, 1] (named "image"), any H and W divisible by config.multiple (otherwise
+    Input [N, H, W, len(config.inputs)] (named "image"), any H and W divisible by config.multiple (otherwise
     the skip concatenation fails); output [N, H, W, num_classes] named "probabilities".
     """
     inputs = keras.Input((None, None, len(config.inputs)), name=IMAGE_INPUT)
