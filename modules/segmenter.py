@@ -77,12 +77,10 @@ from components.segmentation import serving  # noqa: E402
 from components.segmentation.serving import PROBABILITIES  # noqa: E402
 from modules import plots  # noqa: E402
 from modules.progress_callback import EpochProgress  # noqa: E402
-from modules.transform import config_options, scale_deviation, standardise  # noqa: E402
+from modules.transform import CHANNEL_SOURCES, config_options, scale_deviation, standardise  # noqa: E402
 
 IMAGE_INPUT = "image"  # the Keras model's input: [N, H, W, len(inputs)]
 DEVIATION_INPUT = serving.DEVIATION
-# Input channel -> the contract feature it is made from.
-INPUT_SOURCES = {"image": contract.IMAGE, DEVIATION_INPUT: contract.DEVIATION_Z}
 PSEUDO_LABEL_OK = "ok"  # components/pseudo_labels/executor.STATUS_OK
 DICE_SMOOTH = 1.0
 BCE_EPSILON = 1e-7
@@ -111,17 +109,18 @@ class SegmenterConfig:
     defect_tile_fraction: float = 0.5  # share of training tiles centred on a pseudo-defect
     prior_probability: float = 0.01  # the sigmoid's starting output (defect pixels are rare)
     seed: int = 0  # weights, file order, shuffles and tiles: the same seed, the same model
-    # The network's input channels, from INPUT_SOURCES: the image, and the teacher's own
+    # The network's input channels, named as the classifier's (modules.transform
+    # .CHANNEL_SOURCES): the image, and the teacher's own
     # evidence (its deviation from the bulk lattice in noise sigmas). From the image alone a
     # point defect is one column in hundreds and the demo's budget learns none of them.
     inputs: Tuple[str, ...] = ("image", DEVIATION_INPUT)
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(self.inputs))  # a JSON list, as a tuple
-        unknown = [name for name in self.inputs if name not in INPUT_SOURCES]
+        unknown = [name for name in self.inputs if name not in CHANNEL_SOURCES]
         if not self.inputs or unknown or len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"segmenter option inputs must be distinct names from "
-                             f"{', '.join(INPUT_SOURCES)}, got {list(self.inputs)!r}")
+                             f"{', '.join(CHANNEL_SOURCES)}, got {list(self.inputs)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"segmenter option seed must be a non-negative integer, got {self.seed!r}")
         for name in ("tile_size", "base_filters", "depth", "epochs", "batch_size", "shuffle_buffer",

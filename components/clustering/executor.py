@@ -119,7 +119,7 @@ class DescribeFn(beam.DoFn):
             arguments = serving.signature_arguments(
                 self._predict, images, None if any(d is None for d in deviations) else np.stack(deviations),
                 source=group[0][1].source)
-            maps = self._predict(**arguments)["probabilities"].numpy()  # [N, H, W, C]
+            maps = self._predict(**arguments)[serving.PROBABILITIES].numpy()  # [N, H, W, C]
             for (split, micrograph), probabilities in zip(group, maps):
                 # An image without a lattice has an all-zero deviation map that means "none".
                 deviation = (micrograph.deviation_z if micrograph.pseudo_label_status == STATUS_OK

@@ -124,7 +124,7 @@ class Executor(base_executor.BaseExecutor):
             probabilities = predict_images(**serving.signature_arguments(
                 predict_images, micrograph.image[np.newaxis], deviation, source=micrograph.source))
             predicted.advance()
-            return np.moveaxis(probabilities["probabilities"].numpy()[0], -1, 0)
+            return np.moveaxis(probabilities[serving.PROBABILITIES].numpy()[0], -1, 0)
 
         heatmap_dir = os.path.join(evaluation.uri, "heatmaps")
         os.makedirs(heatmap_dir, exist_ok=True)
