@@ -73,11 +73,14 @@ class TrainingConfig:
     # The Transform's teacher_xf (mask_pseudo's areas per class) beside the pooled features;
     # as Transform made them.
     teacher_features: bool = DEFAULT_TEACHER_FEATURES
+    seed: int = 0  # weights, dropout, shuffles and augmentation: the same seed, the same model
 
     def __post_init__(self):
         if not isinstance(self.teacher_features, bool):
             raise ValueError(
                 f"teacher_features must be true or false, got {self.teacher_features!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"classifier option seed must be a non-negative integer, got {self.seed!r}")
 
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Dict[str, Any]]) -> "TrainingConfig":
@@ -168,20 +171,24 @@ def orientation_augmenter(augmented_ids: Sequence[int]):
 
 
 def _dataset(file_pattern, data_accessor, transform_output, names: Sequence[str],
-             batch_size: int, augmented_ids: Optional[Sequence[int]] = None):
-    """Batches of ({name: feature} for the model's input names, label); shuffled and
+             batch_size: int, augmented_ids: Optional[Sequence[int]] = None, seed: int = 0):
+    """Batches of ({name: feature} for the model's input names, label); shuffled (seeded) and
     orientation-augmented when training."""
     training = augmented_ids is not None
     dataset = data_accessor.tf_dataset_factory(
         file_pattern,
         tfxio.TensorFlowDatasetOptions(
-            batch_size=batch_size, label_key=LABEL_XF, num_epochs=1, shuffle=training),
+            batch_size=batch_size, label_key=LABEL_XF, num_epochs=1, shuffle=training,
+            shuffle_seed=seed),
         transform_output.transformed_metadata.schema,
     ).map(lambda features, label: ({name: features[name] for name in names},
                                     tf.reshape(label, [-1])))
     if training:
+        # One image after another: parallel calls would draw the random orientations in
+        # whatever order the threads reach the random ops, and the same seed would not give
+        # the same model. A rotation costs little next to a training step.
         dataset = (dataset.unbatch()
-                   .map(orientation_augmenter(augmented_ids), num_parallel_calls=tf.data.AUTOTUNE)
+                   .map(orientation_augmenter(augmented_ids))
                    .batch(batch_size))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -242,33 +249,41 @@ def warm_start_weights(base_model: Optional[str]) -> Optional[str]:
     return path
 
 
-def run_fn(fn_args) -> None:
-    """TFX Trainer entry point."""
-    config = TrainingConfig.from_custom_config(fn_args.custom_config)
-    transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    vocabulary = transform_output.vocabulary_by_name(LABEL_VOCABULARY)
-    vocabulary = [v.decode() if isinstance(v, bytes) else v for v in vocabulary]
+def train(fn_args, config: TrainingConfig, transform_output: tft.TFTransformOutput,
+          vocabulary: Sequence[str]):
+    """(model, Keras history, what it started from): the fit on fn_args' train files, its
+    eval files as validation data; seeded by config.seed."""
     augmented_ids = [i for i, label in enumerate(vocabulary) if label in config.augment_labels]
     names = model_inputs(config)
     missing = sorted(set(names) - set(transform_output.transformed_feature_spec()))
     if missing:
         raise ValueError(f"the classifier reads {missing}, which Transform did not write: give "
                          f"Transform and Trainer the same teacher_features")
-    train = _dataset(fn_args.train_files, fn_args.data_accessor, transform_output, names,
-                     config.batch_size, augmented_ids)
+    keras.utils.set_random_seed(config.seed)  # before the datasets' random ops are traced
+    train_data = _dataset(fn_args.train_files, fn_args.data_accessor, transform_output, names,
+                          config.batch_size, augmented_ids, config.seed)
     validation = _dataset(fn_args.eval_files, fn_args.data_accessor, transform_output, names,
                           config.batch_size)
-
     start = warm_start_weights(getattr(fn_args, "base_model", None))
     model = build_model(len(vocabulary), config, start_weights=start)
-    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=0,
+    history = model.fit(train_data, validation_data=validation, epochs=config.epochs, verbose=0,
                         callbacks=[EpochProgress("Trainer")])
+    return model, history, start or config.weights_path or "scratch"
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point."""
+    config = TrainingConfig.from_custom_config(fn_args.custom_config)
+    transform_output = tft.TFTransformOutput(fn_args.transform_output)
+    vocabulary = transform_output.vocabulary_by_name(LABEL_VOCABULARY)
+    vocabulary = [v.decode() if isinstance(v, bytes) else v for v in vocabulary]
+    model, history, started_from = train(fn_args, config, transform_output, vocabulary)
 
     model.save(fn_args.serving_model_dir, save_format="tf",
                signatures=_signatures(model, transform_output, config))
     backbone_of(model).save_weights(os.path.join(fn_args.serving_model_dir, BACKBONE_WEIGHTS))
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
-    record = dict(history.history, started_from=[start or config.weights_path or "scratch"])
+    record = dict(history.history, started_from=[started_from])
     with open(os.path.join(fn_args.model_run_dir, "history.json"), "w") as handle:
         json.dump(record, handle, indent=1)
     plots.training_curves(history.history, os.path.join(fn_args.model_run_dir, "training_curves.png"),

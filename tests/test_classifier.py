@@ -188,3 +188,70 @@ def test_model_with_teacher_features_trains_and_serves_examples_and_maps_alike(t
     assert not np.allclose(emptied["probabilities"].numpy()[1:], probabilities[1:], atol=1e-6)
     features = loaded.signatures["transform_features"](examples=tf.constant(serialized[:3]))
     assert features[transform.TEACHER_XF].shape == (3, transform.TEACHER_SIZE)
+
+
+class InMemoryDataAccessor:
+    """The part of TFX's DataAccessor that run_fn uses, over transformed features in memory:
+    shuffled with the options' seed as tfxio does, batched, the label split off."""
+
+    def __init__(self, features, labels):
+        self.features, self.labels = features, labels
+
+    def tf_dataset_factory(self, file_pattern, options, schema):
+        import tensorflow as tf
+
+        dataset = tf.data.Dataset.from_tensor_slices((self.features, self.labels.reshape(-1, 1)))
+        if options.shuffle:
+            dataset = dataset.shuffle(len(self.labels), seed=options.shuffle_seed)
+        return dataset.batch(options.batch_size)
+
+
+def test_the_same_seed_trains_the_same_classifier_and_another_seed_another(tmp_path):
+    import types
+
+    import tensorflow as tf
+
+    from components import contract
+
+    rng = np.random.default_rng(1)
+    labels = ["bulk", "vacancy", "stacking_fault", "vacancy", "bulk", "stacking_fault"]
+    micrographs = [contract.Micrograph(
+        image=rng.normal(size=(40, 40)).astype(np.float32), material="CdTe", label=label,
+        pixel_size_pm=20.0, source=f"test_{n}",
+        deviation_z=rng.normal(size=(40, 40)).astype(np.float32),
+        mask_pseudo=np.zeros((len(classifier.DEFECT_CLASSES), 40, 40), np.uint8))
+        for n, label in enumerate(labels)]
+    custom = {"input_size": 32, "input_channels": ["deviation_z"] * 3, "teacher_features": True}
+    transform_output = _transform_graph(tmp_path, micrographs, custom)
+    transformed = transform_output.transform_raw_features(tf.io.parse_example(
+        [contract.to_example(m).SerializeToString() for m in micrographs],
+        transform_output.raw_feature_spec()))
+    accessor = InMemoryDataAccessor(
+        {name: transformed[name].numpy() for name in (transform.IMAGE_XF, transform.TEACHER_XF)},
+        transformed[transform.LABEL_XF].numpy())
+
+    vocabulary = [v.decode() for v in transform_output.vocabulary_by_name(transform.LABEL_VOCABULARY)]
+    fn_args = types.SimpleNamespace(train_files=["unused"], eval_files=["unused"],
+                                    data_accessor=accessor, base_model=None)
+
+    def train(seed):
+        cfg = classifier.TrainingConfig.from_custom_config(dict(
+            custom, epochs=1, batch_size=2, seed=seed, augment_labels=["bulk", "vacancy"]))
+        tf.random.set_seed(1000 + seed)  # whatever came before must not matter
+        model, history, _ = classifier.train(fn_args, cfg, transform_output, vocabulary)
+        return history.history, [w.numpy() for w in model.weights]
+
+    history, weights = train(seed=3)
+    again_history, again_weights = train(seed=3)
+    assert again_history == history
+    for ours, theirs in zip(again_weights, weights):
+        np.testing.assert_array_equal(ours, theirs)
+    other_history, other_weights = train(seed=4)
+    assert other_history != history
+    assert any(not np.array_equal(ours, theirs) for ours, theirs in zip(other_weights, weights))
+
+
+def test_seed_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            classifier.TrainingConfig(seed=bad)
