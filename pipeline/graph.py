@@ -154,8 +154,9 @@ def create_components(config: PipelineConfig) -> List:
     )
     # Everything downstream reads the examples with their pseudo-labels and deviation maps.
     examples = pseudo_labeler.outputs["pseudo_labelled_examples"]
-    statistics_gen = tfx.components.StatisticsGen(examples=examples)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=config.schema_file)
+    statistics_gen = tfx.components.StatisticsGen(examples=examples,
+                                                  schema=schema_gen.outputs["schema"])
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"],
         schema=schema_gen.outputs["schema"],

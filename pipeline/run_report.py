@@ -23,7 +23,6 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 from pipeline import lineage, reports  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-TFDV_BINARY = "__BYTES_VALUE__"  # what TFDV reports for a value that is not valid text
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-top: 0.6em; }
@@ -66,11 +65,13 @@ def statistics_table(statistics_uri: str, split: str = "train") -> str:
         elif feature.HasField("string_stats"):
             stats = feature.string_stats
             common = stats.common_stats
-            if any(v.value == TFDV_BINARY for v in stats.top_values) or not stats.top_values:
-                detail = "serialized arrays (binary)"
-            else:
-                top = ", ".join(f"{html.escape(v.value)} ({v.frequency:.0f})" for v in stats.top_values[:6])
-                detail = f"{stats.unique} unique: {top}"
+            top = ", ".join(f"{html.escape(v.value)} ({v.frequency:.0f})" for v in stats.top_values[:6])
+            detail = f"{stats.unique} unique: {top}"
+        elif feature.HasField("bytes_stats"):  # the schema's serialized arrays
+            stats = feature.bytes_stats
+            common = stats.common_stats
+            detail = (f"serialized arrays, {stats.avg_num_bytes / 1024:.0f} KiB on average "
+                      f"({stats.min_num_bytes / 1024:.0f} to {stats.max_num_bytes / 1024:.0f})")
         else:
             continue
         rows.append(f"<tr><td>{name}</td><td>{common.num_non_missing}</td>"

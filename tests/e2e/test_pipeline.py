@@ -182,6 +182,8 @@ def test_run_report_is_one_html_file_with_every_section_and_figure(runs, tmp_pat
         assert f"<h2>{section}" in page
     assert "not available" not in page and "src=\"file:" not in page
     assert "passed: training went ahead" in page
+    # the schema reached StatisticsGen: arrays are counted in bytes, not sketched by value
+    assert page.count("serialized arrays, ") == len(contract.ARRAY_FEATURES)
     # example sheet, curves and confusion matrices, U-Net curves and heat maps, 3 cluster figures
     assert page.count('src="data:image/png;base64,') == 3 + 1 + 2 * runs.heatmap_images + 3
 
