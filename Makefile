@@ -23,7 +23,7 @@ $(STAMP): requirements.lock setup.py
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
 
-# The paper end to end (the `paper` profile through the TFX CLI; about 21 minutes on 2 cores),
+# The paper end to end (the `paper` profile through the TFX CLI; about 24 minutes on 2 cores),
 # then the README's results section and docs/results/ regenerated from that run's own files.
 paper: $(STAMP)
 	STEM_PROFILE=paper $(BIN)/python -m pipeline.demo
