@@ -191,7 +191,7 @@ def train(data: dict, vocabulary, config, seed: int, verbose: int = 2,
         [i for i, label in enumerate(vocabulary) if label in config.augment_labels])
     dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
                .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True)
-               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+               .map(augment)  # sequential, as in classifier.train: seeded draws in order
                .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
     timer = _epoch_timer()
     started = time.perf_counter()
