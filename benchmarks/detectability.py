@@ -97,7 +97,8 @@ from components.synthesis.simulator import (  # noqa: E402
     seed_for,
     simulate_image,
 )
-from machine import calibration, fmt, git_commit, write_report  # noqa: E402  (benchmarks/machine.py)
+from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
+                     write_report)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "detectability.json")
@@ -333,14 +334,6 @@ def _teacher(image):
 
 
 # -------------------------------------------------------------------------------- study
-
-
-def dose_edges(config: SimulationConfig, bins: int) -> np.ndarray:
-    return np.geomspace(config.dose[0], config.dose[1], bins + 1)
-
-
-def dose_bin(dose: float, edges: np.ndarray) -> int:
-    return int(np.clip(np.searchsorted(edges, dose, side="right") - 1, 0, len(edges) - 2))
 
 
 def measure(seed: int, images: int, config: SimulationConfig, materials, disc_sigmas: float,

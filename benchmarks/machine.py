@@ -1,6 +1,6 @@
 """What every benchmark records beside its numbers, so two result files can be compared:
 how loaded and how fast the machine was, and which commit (with which uncommitted files)
-was measured; and how the results are written and printed."""
+was measured; and how the results are binned by dose, written and printed."""
 
 import json
 import os
@@ -53,6 +53,16 @@ def write_report(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:
         handle.write("{\n" + ",\n".join(parts) + "\n}\n")
+
+
+def dose_edges(config, bins: int) -> np.ndarray:
+    """Edges of `bins` log-spaced dose bins over a SimulationConfig's dose range (e/A^2)."""
+    return np.geomspace(config.dose[0], config.dose[1], bins + 1)
+
+
+def dose_bin(dose: float, edges: np.ndarray) -> int:
+    """The bin of `dose` between `edges`; doses beyond the ends go to the end bins."""
+    return int(np.clip(np.searchsorted(edges, dose, side="right") - 1, 0, len(edges) - 2))
 
 
 def fmt(value, digits=2) -> str:

@@ -40,7 +40,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components.defects import BULK_LABEL, DEFECT_CLASSES  # noqa: E402
-from machine import calibration, fmt, git_commit, write_report  # noqa: E402  (benchmarks/machine.py)
+from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
+                     write_report)
 from components.pseudo_labels.lattice import (  # noqa: E402
     PseudoLabelConfig,
     pseudo_labels,
@@ -76,14 +77,6 @@ def scores(tp, fp, fn) -> dict:
             "tp": a, "fp": b, "fn": m,
         }
     return out
-
-
-def dose_edges(config: SimulationConfig, bins: int) -> np.ndarray:
-    return np.geomspace(config.dose[0], config.dose[1], bins + 1)
-
-
-def dose_bin(dose: float, edges: np.ndarray) -> int:
-    return int(np.clip(np.searchsorted(edges, dose, side="right") - 1, 0, len(edges) - 2))
 
 
 def summarise(records: list) -> dict:

@@ -74,7 +74,8 @@ from components.synthesis.simulator import (  # noqa: E402
     seed_for,
     simulate_image,
 )
-from machine import calibration, fmt, git_commit, write_report  # noqa: E402  (benchmarks/machine.py)
+from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
+                     write_report)
 
 RESULTS = os.path.join(HERE, "results", "segmentation_quality.json")
 MATERIALS = ("SrTiO3", "CdTe")
@@ -198,14 +199,6 @@ def predict_whole(model_dir: str, items, batch: int = 8):
         out += list(np.moveaxis(answer, -1, 1))
     pixels = sum(image.size for image in images)
     return out, pixels / 1e6 / max(seconds, 1e-9)
-
-
-def dose_edges(config: SimulationConfig, bins: int) -> np.ndarray:
-    return np.geomspace(config.dose[0], config.dose[1], bins + 1)
-
-
-def dose_bin(dose: float, edges: np.ndarray) -> int:
-    return int(np.clip(np.searchsorted(edges, dose, side="right") - 1, 0, len(edges) - 2))
 
 
 def score_held_out(items, probabilities, edges: np.ndarray) -> tuple:
