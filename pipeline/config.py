@@ -104,7 +104,8 @@ class PipelineConfig:
     # IoU against the pseudo-labels every class the teacher marked must reach.
     segmenter: Dict[str, Any] = dataclasses.field(default_factory=dict)
     segmentation_min_iou: float = 0.3
-    heatmap_images: int = 4  # test images drawn as heat maps (the paper's Figures 2 and 3)
+    heatmap_images: int = 4  # test images drawn as heat maps (the paper's Figures 2 and 3): those
+    # whose source names sort first, the same sample in every run over the same data
 
     # Defect clustering (components/clustering): ClusteringConfig fields to override.
     clustering: Dict[str, Any] = dataclasses.field(default_factory=dict)

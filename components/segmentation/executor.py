@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -48,38 +48,51 @@ def _counts(predicted: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def score(micrographs: Iterable[contract.Micrograph],
-          predict: Callable[[contract.Micrograph], np.ndarray], threshold: float,
-          heatmap_dir: str, heatmap_count: int) -> Dict[str, Any]:
-    """Pooled per-class pixel scores of student and teacher; heat maps of the first images.
+          predict: Callable[[contract.Micrograph], np.ndarray],
+          threshold: float) -> Tuple[Dict[str, Any], List[str]]:
+    """Pooled per-class pixel scores of student and teacher, and the sources scored.
 
     `predict` maps a micrograph to probabilities (C, H, W).
     """
     totals = {name: np.zeros((3, len(DEFECT_CLASSES)), np.int64) for name in COMPARISONS}
-    images = with_truth = 0
+    sources = []
+    with_truth = 0
     for micrograph in micrographs:
-        probabilities = predict(micrograph)
-        predicted = probabilities > threshold
+        predicted = predict(micrograph) > threshold
         totals["student_vs_pseudo"] += _counts(predicted, micrograph.mask_pseudo.astype(bool))
         if micrograph.mask_true is not None:
             truth = micrograph.mask_true.astype(bool)
             totals["student_vs_truth"] += _counts(predicted, truth)
             totals["teacher_vs_truth"] += _counts(micrograph.mask_pseudo.astype(bool), truth)
             with_truth += 1
-        if images < heatmap_count:
-            stem = os.path.join(heatmap_dir, f"{images:02d}_{micrograph.material}_{micrograph.label}")
-            title = f"{micrograph.material}, {micrograph.label} ({micrograph.source})"
-            heatmaps.combined_figure(micrograph.image, probabilities, stem + "_combined.png", title)
-            heatmaps.per_class_figure(micrograph.image, probabilities, stem + "_per_class.png",
-                                      title=title)
-        images += 1
-    report = {"images": images, "images_with_ground_truth": with_truth, "threshold": threshold}
+        sources.append(micrograph.source)
+    report = {"images": len(sources), "images_with_ground_truth": with_truth,
+              "threshold": threshold}
     for name in COMPARISONS:
         if name != "student_vs_pseudo" and not with_truth:
             report[name] = "no ground truth in these examples: not scored"
             continue
         report[name] = {cls: _pooled(*map(int, totals[name][:, c]))
                         for c, cls in enumerate(DEFECT_CLASSES)}
-    return report
+    return report, sources
+
+
+def draw_heatmaps(micrographs: Iterable[contract.Micrograph],
+                  predict: Callable[[contract.Micrograph], np.ndarray],
+                  sources: Iterable[str], count: int, heatmap_dir: str) -> List[str]:
+    """Heat maps (the paper's Figures 2 and 3) of the `count` micrographs whose sources sort
+    first: the same sample in every run over the same data, whatever order the records
+    were written in. Returns the sources drawn."""
+    chosen = set(sorted(set(sources))[:count])
+    sample = sorted((m for m in micrographs if m.source in chosen), key=lambda m: m.source)[:count]
+    for rank, micrograph in enumerate(sample):
+        probabilities = predict(micrograph)
+        stem = os.path.join(heatmap_dir, f"{rank:02d}_{micrograph.material}_{micrograph.label}")
+        title = f"{micrograph.material}, {micrograph.label} ({micrograph.source})"
+        heatmaps.combined_figure(micrograph.image, probabilities, stem + "_combined.png", title)
+        heatmaps.per_class_figure(micrograph.image, probabilities, stem + "_per_class.png",
+                                  title=title)
+    return [m.source for m in sample]
 
 
 def gate(report: Dict[str, Any], min_iou: float) -> List[str]:
@@ -123,13 +136,19 @@ class Executor(base_executor.BaseExecutor):
             deviation = None if micrograph.deviation_z is None else micrograph.deviation_z[np.newaxis]
             probabilities = predict_images(**serving.signature_arguments(
                 predict_images, micrograph.image[np.newaxis], deviation, source=micrograph.source))
-            predicted.advance()
             return np.moveaxis(probabilities[serving.PROBABILITIES].numpy()[0], -1, 0)
 
+        def predict_counted(micrograph):
+            probabilities = predict(micrograph)
+            predicted.advance()
+            return probabilities
+
+        report, sources = score(read_split(examples, options["split"]), predict_counted,
+                                options["threshold"])
         heatmap_dir = os.path.join(evaluation.uri, "heatmaps")
         os.makedirs(heatmap_dir, exist_ok=True)
-        report = score(read_split(examples, options["split"]), predict, options["threshold"],
-                       heatmap_dir, options["heatmap_images"])
+        report["heatmap_sources"] = draw_heatmaps(read_split(examples, options["split"]), predict,
+                                                  sources, options["heatmap_images"], heatmap_dir)
         failures = gate(report, options["min_iou"])
         report.update(split=options["split"], min_iou=options["min_iou"],
                       blessed=not failures, failures=failures)
