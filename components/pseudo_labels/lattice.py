@@ -26,18 +26,20 @@ Method
    lattice fit has broken down (another orientation, amorphous material).
 3. Bulk reconstruction (`reconstruct_bulk`). The unit-cell template is the mean of the
    pixels binned by cell coordinate (bins of about half a pixel, bilinear splatting),
-   where the lattice fit holds; a quadratic background is fitted to the residual.
+   where the lattice fit holds, sharpened by one Jacobi step on its least-squares fit (the
+   splatting and sampling blur); a quadratic background is fitted to the residual.
    bulk = template(cell coordinate) + background; deviation = image - bulk. A second pass
    leaves the first pass's defect candidates out of the template and re-runs step 2 on
    the image with them painted over by the bulk (a bright interstitial pulls the phases).
 4. Noise (`noise_level`; a model inside `pseudo_labels`). The variance of the deviation is
-   alpha * bulk + beta + gamma * |grad bulk|^2 (shot noise, readout noise, sub-pixel
-   misregistration such as scan-line jitter), fitted to the squared deviations (clipped
-   at 5 sigma); the third cumulant of shot noise comes with it. Thresholds are in these
+   alpha * bulk + beta + gamma_x gx^2 + gamma_y gy^2 (shot noise, readout noise, scan-line
+   jitter along and across the lines), fitted to the squared deviations (clipped at
+   5 sigma); the third cumulant of shot noise comes with it. Thresholds are in these
    units, further divided by a local robust scale where the model is measurably worse
    than it claims (image edges, strained regions; _local_scale).
 5. Detection. A matched filter (a Gaussian of the column width sigma_c, fitted on the
-   template) turns the deviation into Z = filtered deviation / its standard deviation.
+   template) turns the deviation into Z = filtered deviation / its standard deviation,
+   the jitter's share of that counted line by line (_filtered_variance).
    Local extrema with |Z| above k_site (at a bulk column site) or k_free (off the sites),
    each moved for the local skew of shot noise, are candidates, classified by where they
    sit and how much the column changed. Rules and thresholds: PseudoLabelConfig and
