@@ -103,9 +103,6 @@ class SegmenterConfig:
     learning_rate: float = 3e-3  # at the start; decays along a cosine over the epochs
     dice_weight: float = 1.0
     positive_weight: float = 3.0  # BCE weight of a defect pixel (background: 1)
-    # per-class overrides of positive_weight, by class name: a class the student misses
-    # more often than its teacher (faint CdTe substitutions) can weigh more
-    class_positive_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     shuffle_buffer: int = 256  # decoded images (and as many tiles) held for shuffling
     skip_no_lattice: bool = True  # leave out examples the pseudo-labeller found no lattice in
     tiles_per_image: int = 8  # random training tiles cut from every image per epoch
@@ -134,11 +131,6 @@ class SegmenterConfig:
         for name in ("learning_rate", "positive_weight"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"segmenter option {name} must be positive, got {getattr(self, name)!r}")
-        weights = self.class_positive_weights
-        if (not isinstance(weights, dict) or any(c not in DEFECT_CLASSES for c in weights)
-                or not all(float(w) > 0 for w in weights.values())):
-            raise ValueError(f"segmenter option class_positive_weights must map classes of "
-                             f"{', '.join(DEFECT_CLASSES)} to positive weights, got {weights!r}")
         if not float(self.dice_weight) >= 0:
             raise ValueError(f"segmenter option dice_weight must be >= 0, got {self.dice_weight!r}")
         if not 0.0 <= float(self.defect_tile_fraction) <= 1.0:
@@ -150,12 +142,6 @@ class SegmenterConfig:
         if self.tile_size % self.multiple:
             raise ValueError(f"tile_size {self.tile_size} is not divisible by input_stride x "
                              f"2**depth = {self.multiple}")
-
-    @property
-    def positive_weights(self) -> Tuple[float, ...]:
-        """The BCE weight of a defect pixel of each class, in DEFECT_CLASSES order."""
-        return tuple(float(self.class_positive_weights.get(c, self.positive_weight))
-                     for c in DEFECT_CLASSES)
 
     @property
     def multiple(self) -> int:
@@ -179,18 +165,18 @@ def _conv_block(x, filters: int, name: str):
     return x
 
 
-def bce_dice_loss(positive_weight: Union[float, Sequence[float]] = 5.0, dice_weight: float = 1.0):
+def bce_dice_loss(positive_weight: float = 5.0, dice_weight: float = 1.0):
     """loss(y_true, y_pred) on [N, H, W, C] masks and sigmoid outputs -> one scalar per batch.
 
     Weighted binary cross-entropy (mean over pixels and classes, defect pixels weighted by
-    `positive_weight`, one number or one per class) plus `dice_weight` x the mean of (1 - soft Dice) over the classes the
+    `positive_weight`) plus `dice_weight` x the mean of (1 - soft Dice) over the classes the
     batch's masks mark (none: no Dice term), Dice pooled over the batch's pixels:
     (2 sum(y p) + s) / (sum(y) + sum(p) + s) with s = DICE_SMOOTH. An absent class is left to
     the cross-entropy: its Dice, 1 / (sum(p) + s), would cost almost a whole point for the
     faint output a rare class starts with, and push every output to 0 before anything is
     learnt.
     """
-    positive_weight = tf.constant(positive_weight, tf.float32)  # broadcasts over the classes
+    positive_weight = float(positive_weight)
     dice_weight = float(dice_weight)
 
     def bce_dice(y_true, y_pred):
@@ -248,7 +234,7 @@ def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) ->
     model = keras.Model(inputs, outputs, name="unet")
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=bce_dice_loss(config.positive_weights, config.dice_weight),
+        loss=bce_dice_loss(config.positive_weight, config.dice_weight),
         metrics=[keras.metrics.Precision(thresholds=0.5, name="precision"),
                  keras.metrics.Recall(thresholds=0.5, name="recall"),
                  keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")],

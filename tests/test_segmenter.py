@@ -115,26 +115,6 @@ def test_dice_is_averaged_over_the_classes_the_batch_marks_only():
     assert dice == pytest.approx(1 - (2 * 16 + 1) / (16 + 16 + 1), abs=1e-4)  # class 0 only
 
 
-def test_a_class_positive_weight_weighs_only_that_class_misses():
-    config = segmenter.SegmenterConfig(positive_weight=3.0,
-                                       class_positive_weights={"substitution": 6.0})
-    weights = config.positive_weights
-    assert weights[DEFECT_CLASSES.index("substitution")] == 6.0
-    assert [w for c, w in zip(DEFECT_CLASSES, weights) if c != "substitution"] == [3.0] * (C - 1)
-    per_class = segmenter.bce_dice_loss(positive_weight=weights, dice_weight=0.0)
-    for c, weight in ((DEFECT_CLASSES.index("substitution"), 6.0), (0, 3.0)):
-        mask = np.zeros((1, 16, 16, C), np.float32)
-        mask[0, 4:8, 4:8, c] = 1
-        missed = np.full_like(mask, 0.01)  # the defect missed, the rest right
-        alone = segmenter.bce_dice_loss(positive_weight=weight, dice_weight=0.0)
-        assert float(per_class(mask, missed)) == pytest.approx(float(alone(mask, missed)), rel=1e-6)
-    assert float(per_class(mask, missed)) < float(segmenter.bce_dice_loss(6.0, 0.0)(mask, missed))
-    with pytest.raises(ValueError, match="class_positive_weights"):
-        segmenter.SegmenterConfig(class_positive_weights={"not_a_class": 2.0})
-    with pytest.raises(ValueError, match="class_positive_weights"):
-        segmenter.SegmenterConfig(class_positive_weights={"vacancy": 0.0})
-
-
 def test_validation_batches_are_the_central_pseudo_mask_never_mask_true(tmp_path):
     shapes = [(48, 64), (32, 32), (24, 24)]  # wider than tall, the tile's size, smaller
     micrographs = [micrograph(shape, square=(12, 20, 12, 20), channel=i, seed=i)
