@@ -690,10 +690,25 @@ def noise_level(image, bulk=None) -> float:
     return float(1.4826 * np.median(np.abs(r - np.median(r))) / 6.0)
 
 
-def _variance_model(deviation, bulk, floor_var, coef=None):
+@dataclass
+class _Noise:
+    """The per-pixel noise model of a deviation map: its white part (shot and readout noise)
+    and the scan-line jitter terms, kept apart because they add up differently under a
+    filter (`_filtered_variance`)."""
+    white: np.ndarray  # alpha * (bulk - min) + beta + floor
+    gx: np.ndarray  # the bulk's gradient along x (scan lines) ...
+    gy: np.ndarray  # ... and along y
+    cumulant3: np.ndarray  # third cumulant (the skew of shot noise)
+    coef: np.ndarray  # (alpha, beta, gamma_x, gamma_y)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return self.white + self.coef[2] * self.gx * self.gx + self.coef[3] * self.gy * self.gy
+
+
+def _variance_model(deviation, bulk, floor_var, coef=None) -> _Noise:
     """Per-pixel variance alpha * (bulk - min) + beta + gamma_x gx^2 + gamma_y gy^2 (gx, gy
-    the bulk's gradient), its third cumulant, and (alpha, beta, gamma_x, gamma_y); given
-    coef, only evaluated.
+    the bulk's gradient), fitted; given coef, only evaluated.
 
     Shot noise, readout noise and scan-line jitter (each scan line shifted as a whole along
     x by a random amount of variance gamma_x, along y by gamma_y), fitted to the squared
@@ -717,10 +732,10 @@ def _variance_model(deviation, bulk, floor_var, coef=None):
     # Third cumulant, for the skew of shot noise: counts N scaled by a gain alpha have
     # variance alpha (alpha N) and third cumulant alpha^2 (alpha N). The constant term is
     # taken as shot noise too (an unknown offset), which errs towards more skew.
-    return shot + coef[2] * gx2 + coef[3] * gy2 + floor_var, coef[0] * shot, coef
+    return _Noise(shot + floor_var, gx, gy, coef[0] * shot, coef)
 
 
-def _filtered_variance(variance, bulk, coef, sigma):
+def _filtered_variance(noise: _Noise, sigma):
     """Variance of the Gaussian-filtered (sigma) deviation, zero-padded like the filter.
 
     The white part (shot and readout noise) adds up pixel by pixel. Scan-line jitter does
@@ -731,13 +746,10 @@ def _filtered_variance(variance, bulk, coef, sigma):
     Their variance is that of each line's x-filtered derivatives, summed over the lines
     with the squared y weights.
     """
-    bulk = bulk.astype(np.float32)
-    gy, gx = np.gradient(bulk)
-    white = variance - coef[2] * gx * gx - coef[3] * gy * gy
-    white = ndimage.gaussian_filter(white.astype(np.float32), sigma / np.sqrt(2),
+    white = ndimage.gaussian_filter(noise.white.astype(np.float32), sigma / np.sqrt(2),
                                     mode="constant") / (4 * np.pi * sigma * sigma)
-    lines = np.zeros_like(bulk)
-    for gamma, axis, first in ((coef[2], 1, gx), (coef[3], 0, gy)):
+    lines = np.zeros_like(noise.gx)
+    for gamma, axis, first in ((noise.coef[2], 1, noise.gx), (noise.coef[3], 0, noise.gy)):
         if gamma <= 0:
             continue
         second = np.gradient(first, axis=axis)
@@ -1143,8 +1155,7 @@ def _skewed(k, sign, skew):
 class _Pass:
     fit: _Fit
     deviation: np.ndarray
-    variance: np.ndarray
-    noise_coef: np.ndarray  # (alpha, beta, gamma_x, gamma_y) of the variance model
+    noise: _Noise
     z_model: np.ndarray  # matched-filter deviation / its standard deviation (noise model)
     z: np.ndarray  # z_model / the local robust scale of z_model: what thresholds apply to
     sigma: float
@@ -1172,15 +1183,15 @@ def _analyse(image, lattice, geo, config, exclude=None, previous=None):
                                        max(0.05 * top, 5 * rough / np.sqrt(per_bin)))
     else:
         sigma, columns = previous.sigma, previous.columns
-    variance, cumulant3, noise_coef = _variance_model(
-        deviation, fit.bulk, (1e-4 * top) ** 2 + 1e-12,
-        None if previous is None else previous.noise_coef)
+    noise = _variance_model(deviation, fit.bulk, (1e-4 * top) ** 2 + 1e-12,
+                            None if previous is None else previous.noise.coef)
     # zero-padded, renormalised filters: exact noise normalisation up to the edges
     cover = np.outer(*(ndimage.gaussian_filter1d(np.ones(n), sigma, mode="constant")
                        for n in deviation.shape))
     filtered = ndimage.gaussian_filter(deviation.astype(np.float32), sigma, mode="constant")
     filtered /= cover
-    z_model = filtered / np.sqrt(_filtered_variance(variance, fit.bulk, noise_coef, sigma)) * cover
+    z_model = filtered / np.sqrt(_filtered_variance(noise, sigma)) * cover
+    variance = noise.variance
     block = int(max(32, round(1.5 * np.hypot(*lattice.vectors[1]))))
     z = z_model / _local_scale(z_model, block, sigma)
     above = fit.bulk - fit.background - floor  # the bulk's own signal above its floor
@@ -1195,7 +1206,7 @@ def _analyse(image, lattice, geo, config, exclude=None, previous=None):
             dist, offset = np.inf, np.zeros(2)
         on_site = dist <= config.on_site_sigma * sigma
         k = k_site if on_site else k_free
-        if abs(zv) <= _skewed(k, np.sign(zv), _skew_at(variance, cumulant3, y, x, sigma)):
+        if abs(zv) <= _skewed(k, np.sign(zv), _skew_at(variance, noise.cumulant3, y, x, sigma)):
             continue
         if on_site:
             centre = np.array([y, x]) - offset
@@ -1208,7 +1219,7 @@ def _analyse(image, lattice, geo, config, exclude=None, previous=None):
             else:
                 label = None  # unexplained: a displaced column, a fault, ...
         candidates.append((label, centre, zv, rel))
-    return _Pass(fit, deviation, variance, noise_coef, z_model, z, sigma, columns, candidates)
+    return _Pass(fit, deviation, noise, z_model, z, sigma, columns, candidates)
 
 
 def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig()) -> PseudoLabels:
@@ -1305,7 +1316,7 @@ def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig()) -> Pse
         deviation=result.deviation.astype(np.float32),
         mask=mask,
         lattice=lattice,
-        noise=float(np.sqrt(np.median(result.variance))),
+        noise=float(np.sqrt(np.median(result.noise.variance))),
         bulk=result.fit.bulk.astype(np.float32),
         z=result.z.astype(np.float32),
         detections=detections,
