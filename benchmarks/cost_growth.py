@@ -21,7 +21,7 @@ Five stages, each the project's own science code at the settings of a pipeline p
   vectors of the real dimension (benchmarks/clustering_scale.py's generator).
 
 Each (stage, N) runs in a fresh process, so its peak resident memory is its own (VmHWM, see
-peak_rss_mib). `seconds` (wall) and `cpu_s` (CPU, all threads) are the work that depends on
+machine.peak_rss_mib). `seconds` (wall) and `cpu_s` (CPU, all threads) are the work that depends on
 N; imports, model building and the first (tracing) call are outside them, in `overhead_s`,
 and `peak_mib_after_setup` is the memory before that work. Each row also records the
 machine's state: machine.calibration's fixed workload just before it, the load just after.
@@ -50,9 +50,9 @@ import time
 import numpy as np
 
 try:  # run as `python -m benchmarks.cost_growth`
-    from benchmarks.machine import calibration, fmt, git_commit, write_report
+    from benchmarks.machine import calibration, fmt, git_commit, peak_rss_mib, write_report
 except ImportError:  # run as a file: benchmarks/ is on the path
-    from machine import calibration, fmt, git_commit, write_report
+    from machine import calibration, fmt, git_commit, peak_rss_mib, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT_ROOT = os.path.dirname(HERE)
@@ -62,17 +62,6 @@ PER_IMAGE_STAGES = ("synthesis", "pseudo_labelling", "classifier_epoch", "unet_i
 INPUT_BANK = 256  # distinct classifier inputs cycled through an epoch
 LINEAR_BAND = (0.85, 1.15)  # growth exponents counted as linear (timing noise on a shared machine)
 CHILD_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory since it started its program (Linux VmHWM).
-    Not ru_maxrss: Linux carries that over exec from the forking parent, so a child of a
-    parent holding TensorFlow would report the parent's size."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise OSError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 class Clock:

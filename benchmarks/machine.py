@@ -29,6 +29,17 @@ def calibration() -> dict:
             "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started its program (Linux VmHWM).
+    Not ru_maxrss: Linux carries that over exec from the forking parent, so a child of a
+    parent holding TensorFlow would report the parent's size."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise OSError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
 def git_commit() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,

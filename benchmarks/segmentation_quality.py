@@ -34,9 +34,9 @@ computed first (components.segmentation.tiling.deviation_map: the pseudo-labelle
 blocks; the mosaic's pieces have lattices of their own, so blocks that straddle two of them
 fit worse than a real frame's would, which does not change their cost). Reported: the seconds
 of both together and of the teacher alone, megapixels of the frame per second, and the peak
-resident memory of that whole process (resource.getrusage(RUSAGE_SELF).ru_maxrss: Python,
-TensorFlow, the model, the frame and the maps together; an upper bound on what the
-prediction needs). Also the
+resident memory of that whole process (VmHWM, machine.peak_rss_mib: Python, TensorFlow, the
+model, the frame and the maps together; an upper bound on what the prediction needs; not
+ru_maxrss, which Linux carries over exec from the parent that trained the model). Also the
 throughput of whole --size images through `serving_images` in the main process. The
 machine's state is recorded as in the other benchmarks: compare numbers from one machine.
 
@@ -48,7 +48,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from components.synthesis.simulator import (  # noqa: E402
     simulate_image,
 )
 from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
-                     write_report)
+                     peak_rss_mib, write_report)
 
 RESULTS = os.path.join(HERE, "results", "segmentation_quality.json")
 MATERIALS = ("SrTiO3", "CdTe")
@@ -257,14 +256,14 @@ def time_frame(model_dir: str, frame_path: str, threads: int) -> dict:
     frame = np.load(frame_path, mmap_mode="r")
     empty = np.zeros((1, TILE, TILE), np.float32)
     predictor(*([empty, empty] if predictor.needs_deviation else [empty]))  # trace, not timed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    before = peak_rss_mib() * 2**20
     began = time.perf_counter()
     deviation = deviation_map(frame) if predictor.needs_deviation else None
     teacher_s = time.perf_counter() - began
     maps = predict_tiled(frame, predictor, tile=TILE, overlap=OVERLAP, batch_size=BATCH,
                          num_classes=len(DEFECT_CLASSES), deviation=deviation)
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_mib() * 2**20
     return {"height": int(frame.shape[0]), "width": int(frame.shape[1]), "seconds": seconds,
             "teacher_seconds": teacher_s if predictor.needs_deviation else None,
             "model_load_s": load_s, "megapixels_per_s": frame.size / 1e6 / seconds,
@@ -272,8 +271,9 @@ def time_frame(model_dir: str, frame_path: str, threads: int) -> dict:
             "peak_rss_before_predict_gib": before / 2**30, "threads": threads,
             "tile": TILE, "overlap": OVERLAP, "batch_size": BATCH,
             "fraction_above_threshold": [float((m > THRESHOLD).mean()) for m in maps],
-            "memory_measure": "resource.getrusage(RUSAGE_SELF).ru_maxrss of the subprocess "
-                              "(Python + TensorFlow + model + frame + maps)"}
+            "memory_measure": "VmHWM of the subprocess (machine.peak_rss_mib: Python + "
+                              "TensorFlow + model + frame + maps; not ru_maxrss, which "
+                              "carries the parent's peak over exec)"}
 
 
 def mosaic_frame(size: int, seed: int) -> np.ndarray:
@@ -431,7 +431,7 @@ def tables(report: dict) -> str:
               f"window ({frame['tile']} px tiles, {frame['overlap']} overlap) in "
               f"{frame['seconds']:.1f} s{teacher} ({frame['megapixels_per_s']:.2f} MP/s, "
               f"{frame['threads']} threads), peak memory {frame['peak_rss_gib']:.2f} GiB "
-              f"(ru_maxrss of the whole process; {frame['peak_rss_before_predict_gib']:.2f} GiB "
+              f"(VmHWM of the whole process; {frame['peak_rss_before_predict_gib']:.2f} GiB "
               f"with the model loaded, before the frame); whole {s['size']} x {s['size']} images "
               f"{speed['whole_images_megapixels_per_s']:.2f} MP/s; load average "
               f"{calib['loadavg_1_5_15'][0]:.2f} on {calib['cpu_count']} cores."]

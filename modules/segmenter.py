@@ -33,6 +33,13 @@ and would make the transformed examples huge, and the tiling below is random per
   `dice_weight` x (1 - soft Dice), Dice pooled over the batch and averaged over the classes
   the batch's masks mark (an absent class's Dice would only reward predicting nothing, and
   at full weight: that drove every output to 0). The output starts at `prior_probability`.
+- Contrast split (`contrast_split`, default substitutions): a class whose defects can be
+  brighter or dimmer than the bulk column is trained as two channels, its marks split by
+  the sign of the deviation map around them (`contrast_targets`), and served as the larger
+  of the two (`JoinContrasts`). With one channel, the seed-777 benchmark's student learnt
+  one contrast and never marked the other (model seed 1: CdTe's dimmer substitutions IoU
+  0.00; model seed 0: SrTiO3's brighter ones 0.00): a dim column pulls the shared feature
+  towards "vacancy", a bright one away from it.
 - Network: with `input_stride` 2 the U-Net sees the image averaged over 2 x 2 pixels (the
   probe is several pixels wide, so little is lost) and its answer is enlarged back.
 - The network is fully convolutional: it takes images of any height and width divisible by
@@ -82,6 +89,8 @@ from modules.transform import CHANNEL_SOURCES, config_options, scale_deviation, 
 IMAGE_INPUT = "image"  # the Keras model's input: [N, H, W, len(inputs)]
 DEVIATION_INPUT = serving.DEVIATION
 PSEUDO_LABEL_OK = "ok"  # components/pseudo_labels/executor.STATUS_OK
+CHANNEL_PROBABILITIES = "channel_probabilities"  # the sigmoid layer before JoinContrasts
+CONTRAST_WINDOW = 5  # pixels; a point defect's mark is a disc of about 3 pixels' radius
 DICE_SMOOTH = 1.0
 BCE_EPSILON = 1e-7
 
@@ -114,9 +123,25 @@ class SegmenterConfig:
     # evidence (its deviation from the bulk lattice in noise sigmas). From the image alone a
     # point defect is one column in hundreds and the demo's budget learns none of them.
     inputs: Tuple[str, ...] = ("image", DEVIATION_INPUT)
+    # Classes whose marks are split by contrast for training: a column brighter than the
+    # bulk and one dimmer (SrTiO3's La/Nb substitutions against CdTe's Zn/Se ones) each get
+    # an output channel of their own, and the class's probability is the larger of the two.
+    # One channel for both contrasts learnt only one of them (which one, by the model seed).
+    # The sign comes from the teacher's deviation map, which must then be an input.
+    contrast_split: Tuple[str, ...] = ("substitution",)
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(self.inputs))  # a JSON list, as a tuple
+        object.__setattr__(self, "contrast_split", tuple(self.contrast_split))
+        unknown = [name for name in self.contrast_split if name not in DEFECT_CLASSES]
+        if unknown or len(set(self.contrast_split)) != len(self.contrast_split):
+            raise ValueError(f"segmenter option contrast_split must be distinct names from "
+                             f"{', '.join(DEFECT_CLASSES)}, got {list(self.contrast_split)!r}")
+        if self.contrast_split and DEVIATION_INPUT not in self.inputs:
+            raise ValueError(f"segmenter option contrast_split {list(self.contrast_split)!r} needs "
+                             f"{DEVIATION_INPUT!r} among the inputs (the sign of a mark's "
+                             f"contrast is read from it); set contrast_split to [] for inputs "
+                             f"{list(self.inputs)!r}")
         unknown = [name for name in self.inputs if name not in CHANNEL_SOURCES]
         if not self.inputs or unknown or len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"segmenter option inputs must be distinct names from "
@@ -197,11 +222,62 @@ def bce_dice_loss(positive_weight: float = 5.0, dice_weight: float = 1.0):
     return bce_dice
 
 
+def output_channels(num_classes: int, config: SegmenterConfig) -> Tuple[str, ...]:
+    """Names of the network's sigmoid channels before `JoinContrasts`: the classes (a split
+    class's own channel holds its brighter marks), then "<class> dimmer" per
+    `config.contrast_split` class."""
+    classes = tuple(DEFECT_CLASSES[:num_classes])
+    return classes + tuple(f"{name} dimmer" for name in config.contrast_split)
+
+
+class JoinContrasts(keras.layers.Layer):
+    """[..., C + S] channel probabilities -> [..., C] class probabilities: a split class's
+    probability is the larger of its own (brighter) channel and its dimmer channel; the
+    other classes pass unchanged."""
+
+    def __init__(self, num_classes: int, split_indices: Sequence[int], **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.split_indices = tuple(int(index) for index in split_indices)
+        # placement[s, c] = 1 where the dimmer channel s belongs to class c
+        self.placement = np.eye(self.num_classes, dtype=np.float32)[list(self.split_indices)]
+
+    def call(self, channels):
+        own = channels[..., :self.num_classes]
+        dimmer = tf.einsum("...s,sc->...c", channels[..., self.num_classes:], self.placement)
+        return tf.maximum(own, dimmer)  # 0 for the classes without a dimmer channel
+
+    def get_config(self):
+        return dict(super().get_config(), num_classes=self.num_classes,
+                    split_indices=list(self.split_indices))
+
+
+def contrast_targets(x: tf.Tensor, masks: tf.Tensor, config: SegmenterConfig):
+    """(inputs [B, H, W, K], masks [B, H, W, C]) -> (inputs, targets [B, H, W, C + S]) for
+    the network's channels (`output_channels`): the marks of each `config.contrast_split`
+    class go to its own channel where the deviation map, averaged over CONTRAST_WINDOW x
+    CONTRAST_WINDOW pixels, is >= 0 (a brighter column) and to its dimmer channel where it is
+    below 0."""
+    if not config.contrast_split:
+        return x, masks
+    deviation = x[..., config.inputs.index(DEVIATION_INPUT)][..., tf.newaxis]
+    local = tf.nn.avg_pool2d(deviation, CONTRAST_WINDOW, 1, "SAME")[..., 0]
+    dimmer = tf.cast(local < 0, masks.dtype)
+    channels = tf.unstack(masks, num=len(DEFECT_CLASSES), axis=-1)
+    dimmer_marks = []
+    for name in config.contrast_split:
+        index = DEFECT_CLASSES.index(name)
+        dimmer_marks.append(channels[index] * dimmer)
+        channels[index] = channels[index] * (1 - dimmer)
+    return x, tf.stack(channels + dimmer_marks, axis=-1)
+
+
 def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) -> keras.Model:
     """U-Net: (conv-BN-ReLU) x 2 per level, max-pool down, transposed conv up, skip
-    concatenation, a 1x1 convolution with one channel per class, then a sigmoid; compiled.
-    With `input_stride` s > 1 the U-Net works on the image averaged over s x s pixels and
-    its logits are enlarged back bilinearly.
+    concatenation, a 1x1 convolution with one channel per `output_channels` name, a sigmoid,
+    and `JoinContrasts` when classes are split by contrast. With `input_stride` s > 1 the
+    U-Net works on the image averaged over s x s pixels and its logits are enlarged back
+    bilinearly. Not compiled: `training_model` is the view that is trained.
 
     Input [N, H, W, len(config.inputs)] (named "image"), any H and W divisible by config.multiple (otherwise
     the skip concatenation fails); output [N, H, W, num_classes] named "probabilities".
@@ -224,14 +300,29 @@ def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) ->
     # Starting at the prior instead of 0.5 spares the first hundreds of steps (all a short
     # CPU run has) the walk of every pixel's output down from 0.5 to the rare-defect level.
     prior_logit = float(np.log(config.prior_probability / (1.0 - config.prior_probability)))
-    x = keras.layers.Conv2D(num_classes, 1, dtype="float32",
+    channels = output_channels(num_classes, config)
+    x = keras.layers.Conv2D(len(channels), 1, dtype="float32",
                             bias_initializer=keras.initializers.Constant(prior_logit),
                             name="logits")(x)
     if config.input_stride > 1:
         x = keras.layers.UpSampling2D(config.input_stride, interpolation="bilinear",
                                       name="enlarge")(x)
-    outputs = keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITIES)(x)
-    model = keras.Model(inputs, outputs, name="unet")
+    if not config.contrast_split:
+        outputs = keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITIES)(x)
+        return keras.Model(inputs, outputs, name="unet")
+    x = keras.layers.Activation("sigmoid", dtype="float32", name=CHANNEL_PROBABILITIES)(x)
+    split = [DEFECT_CLASSES.index(name) for name in config.contrast_split]
+    outputs = JoinContrasts(num_classes, split, dtype="float32", name=PROBABILITIES)(x)
+    return keras.Model(inputs, outputs, name="unet")
+
+
+def training_model(network: keras.Model, config: SegmenterConfig) -> keras.Model:
+    """The view of `network` that is trained, compiled: its output is every channel of
+    `output_channels` (before `JoinContrasts`), to be fitted to `contrast_targets`. It shares
+    the network's layers, so training it trains the network."""
+    channels = (network.get_layer(CHANNEL_PROBABILITIES).output if config.contrast_split
+                else network.output)
+    model = keras.Model(network.input, channels, name="unet_training")
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=bce_dice_loss(config.positive_weight, config.dice_weight),
@@ -448,16 +539,19 @@ def run_fn(fn_args) -> None:
     """TFX Trainer entry point (reads the PseudoLabeler's examples; no Transform)."""
     config = SegmenterConfig.from_custom_config(fn_args.custom_config)
     keras.utils.set_random_seed(config.seed)  # before the datasets' random ops are traced
-    train = make_dataset(fn_args.train_files, config, training=True)
-    validation = make_dataset(fn_args.eval_files, config, training=False)
+    train, validation = (
+        make_dataset(files, config, training).map(lambda x, masks: contrast_targets(x, masks, config))
+        for files, training in ((fn_args.train_files, True), (fn_args.eval_files, False)))
     model = build_unet(len(DEFECT_CLASSES), config)
-    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=0,
-                        callbacks=[learning_rate_schedule(config), EpochProgress("SegmenterTrainer")])
+    history = training_model(model, config).fit(
+        train, validation_data=validation, epochs=config.epochs, verbose=0,
+        callbacks=[learning_rate_schedule(config), EpochProgress("SegmenterTrainer")])
 
     model.save(fn_args.serving_model_dir, save_format="tf", signatures=_signatures(model, config))
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
     curves = {name: [float(value) for value in values] for name, values in history.history.items()}
-    record = dict(curves, config=[dataclasses.asdict(config)], classes=[list(DEFECT_CLASSES)])
+    record = dict(curves, config=[dataclasses.asdict(config)], classes=[list(DEFECT_CLASSES)],
+                  channels=[list(output_channels(len(DEFECT_CLASSES), config))])
     with open(os.path.join(fn_args.model_run_dir, "history.json"), "w") as handle:
         json.dump(record, handle, indent=1)
     plots.training_curves(

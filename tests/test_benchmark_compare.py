@@ -103,3 +103,23 @@ def test_exit_status_for_files_and_folders(compare, tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         compare.main([same, str(tmp_path / "b")])  # a file and a folder
     assert bad.value.code == 2
+
+
+def test_a_childs_peak_memory_is_its_own_not_its_parents():
+    """machine.peak_rss_mib (VmHWM) in a fresh process stays far below the 512 MiB its parent
+    holds when it starts it; ru_maxrss there would report the parent's size."""
+    import resource
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(2**26)  # 512 MiB, touched
+    child = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from machine import "
+             "peak_rss_mib; print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF)"
+             ".ru_maxrss / 1024)")
+    done = subprocess.run([sys.executable, "-c", child, benchmark_script.BENCHMARKS],
+                          capture_output=True, text=True, check=True)
+    own, inherited = (float(value) for value in done.stdout.split())
+    assert ballast.sum() == 2**26
+    assert own < 256 < 512 <= inherited <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

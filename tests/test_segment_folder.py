@@ -187,8 +187,9 @@ def test_an_exported_unet_sees_tiles_of_one_standardised_frame(tmp_path, inputs)
     from modules import segmenter
     from modules.transform import scale_deviation
 
-    config = segmenter.SegmenterConfig(tile_size=32, base_filters=4, depth=2, input_stride=2,
-                                       inputs=inputs)
+    config = segmenter.SegmenterConfig(
+        tile_size=32, base_filters=4, depth=2, input_stride=2, inputs=inputs,
+        contrast_split=["substitution"] if "deviation_z" in inputs else [])
     model = segmenter.build_unet(C, config)
     tf.saved_model.save(model, str(tmp_path / "unet"), signatures=segmenter._signatures(model, config))
     rng = np.random.default_rng(6)

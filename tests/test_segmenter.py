@@ -79,13 +79,61 @@ def test_the_network_starts_at_the_prior_not_at_one_half():
                          [(20, 36, 1, ("image",)), (44, 12, 1, ("image", "deviation_z")),
                           (24, 40, 2, ("deviation_z", "image"))])
 def test_unet_takes_any_multiple_of_the_stride_times_two_to_the_depth(height, width, stride, inputs):
-    model = segmenter.build_unet(C, tiny(input_stride=stride, inputs=inputs))
+    model = segmenter.build_unet(C, tiny(input_stride=stride, inputs=inputs,
+                                         contrast_split=["substitution"] if len(inputs) > 1 else []))
     x = np.random.default_rng(1).normal(size=(2, height, width, len(inputs))).astype(np.float32)
     out = model(x).numpy()
     assert out.shape == (2, height, width, C)  # the full resolution, whatever the stride
     assert np.all((out >= 0) & (out <= 1))
     with pytest.raises(ValueError, match="divisible"):
         tiny(input_stride=3)  # 32 is no multiple of 3 x 4
+
+
+def test_contrast_split_needs_the_deviation_map_and_known_classes():
+    with pytest.raises(ValueError, match="contrast_split.*needs 'deviation_z'"):
+        tiny(inputs=["image"])
+    tiny(inputs=["image"], contrast_split=[])  # nothing to split: the image alone will do
+    with pytest.raises(ValueError, match="contrast_split must be distinct names"):
+        tiny(contrast_split=["substitutions"])
+
+
+def test_contrast_targets_split_marks_by_the_sign_of_the_deviation_around_them():
+    """Substitution marks on a brighter spot stay in the substitution channel, those on a
+    dimmer spot move to the extra channel; the mean over the window decides, so a pixel of
+    opposite sign inside a bright disc stays with its disc. Other classes pass unchanged."""
+    config = tiny()
+    assert segmenter.output_channels(C, config) == DEFECT_CLASSES + ("substitution dimmer",)
+    deviation = np.zeros((1, 16, 16), np.float32)
+    deviation[0, 2:7, 2:7] = 2.0  # a bright column
+    deviation[0, 4, 4] = -1.0  # one noisy pixel inside it
+    deviation[0, 9:14, 9:14] = -2.0  # a dim column
+    masks = np.zeros((1, 16, 16, C), np.uint8)
+    masks[0, 3:6, 3:6, 1] = 1
+    masks[0, 10:13, 10:13, 1] = 1
+    masks[0, 10:13, 10:13, 0] = 1  # a vacancy mark at the dim spot too
+    x = np.stack([np.zeros_like(deviation), deviation], axis=-1)
+    same_x, targets = segmenter.contrast_targets(tf.constant(x), tf.constant(masks), config)
+    targets = targets.numpy()
+    np.testing.assert_array_equal(same_x, x)
+    assert targets.shape == (1, 16, 16, C + 1)
+    np.testing.assert_array_equal(targets[0, 3:6, 3:6, 1], 1)
+    np.testing.assert_array_equal(targets[0, 3:6, 3:6, C], 0)
+    np.testing.assert_array_equal(targets[0, 10:13, 10:13, C], 1)
+    assert targets[..., 1].sum() == 9 and targets[..., C].sum() == 9
+    np.testing.assert_array_equal(targets[..., [0, 2, 3, 4, 5]], masks[..., [0, 2, 3, 4, 5]])
+    unsplit = segmenter.contrast_targets(tf.constant(x), tf.constant(masks), tiny(contrast_split=[]))
+    np.testing.assert_array_equal(unsplit[1], masks)
+
+
+def test_a_split_class_is_served_as_the_larger_of_its_two_channels():
+    network = segmenter.build_unet(C, tiny())
+    trained = segmenter.training_model(network, tiny())
+    x = np.random.default_rng(2).normal(size=(2, 32, 32, 2)).astype(np.float32)
+    channels, served = trained(x).numpy(), network(x).numpy()
+    assert channels.shape == (2, 32, 32, C + 1) and served.shape == (2, 32, 32, C)
+    np.testing.assert_allclose(served[..., 1], np.maximum(channels[..., 1], channels[..., C]))
+    np.testing.assert_allclose(served[..., [0, 2, 3, 4, 5]], channels[..., [0, 2, 3, 4, 5]])
+    assert network.count_params() == trained.count_params()  # one set of weights
 
 
 def test_loss_prefers_the_right_answer_and_is_finite_without_defects():
@@ -145,7 +193,7 @@ def test_validation_batches_are_the_central_pseudo_mask_never_mask_true(tmp_path
         assert np.all(deviation[~marked] <= 0)
     # standardised over the whole image (the 32 x 32 one is its own tile)
     assert abs(images[1].mean()) < 1e-4 and abs(images[1].std() - 1) < 1e-3
-    [(image_only, _)] = batches(pattern, tiny(inputs=["image"]), training=False)
+    [(image_only, _)] = batches(pattern, tiny(inputs=["image"], contrast_split=[]), training=False)
     np.testing.assert_array_equal(image_only[..., 0], images)
 
 
@@ -224,12 +272,14 @@ def fn_args_for(root, run_name="run", **options):
 @pytest.mark.parametrize("inputs", [("image", "deviation_z"), ("image",)])
 def test_run_fn_trains_exports_and_serves_every_signature(tmp_path, inputs):
     evaluation = training_examples(tmp_path)
-    fn_args = fn_args_for(tmp_path, inputs=list(inputs))
+    split = ["substitution"] if "deviation_z" in inputs else []
+    fn_args = fn_args_for(tmp_path, inputs=list(inputs), contrast_split=split)
     segmenter.run_fn(fn_args)
 
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["loss"]) == 1 and "val_loss" in history and "val_iou" in history
     assert history["config"][0]["inputs"] == list(inputs)
+    assert history["channels"][0] == list(DEFECT_CLASSES) + [f"{name} dimmer" for name in split]
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
 
     loaded = tf.saved_model.load(fn_args.serving_model_dir)
