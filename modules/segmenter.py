@@ -128,8 +128,8 @@ class SegmenterConfig:
     # marks and an extra channel its dimmer ones alone; the class's probability is the
     # larger of the two. One channel alone learnt only one contrast (which one, by the model
     # seed); handing the brighter marks to the own channel alone made the stacking-fault
-    # channel fire on bright point defects (README, segmentation benchmark). The sign comes
-    # from the teacher's deviation map, which must then be an input.
+    # channel fire on bright point defects (README: the A/B above the paper results). The
+    # sign comes from the teacher's deviation map, which must then be an input.
     contrast_split: Tuple[str, ...] = ("substitution",)
 
     def __post_init__(self):
