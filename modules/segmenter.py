@@ -34,12 +34,12 @@ and would make the transformed examples huge, and the tiling below is random per
   the batch's masks mark (an absent class's Dice would only reward predicting nothing, and
   at full weight: that drove every output to 0). The output starts at `prior_probability`.
 - Contrast split (`contrast_split`, default substitutions): a class whose defects can be
-  brighter or dimmer than the bulk column is trained as two channels: its own, on all its
-  marks, and a dimmer one, on the marks where the deviation map around them is negative
-  (`contrast_targets`); it is served as the larger of the two (`JoinContrasts`). With one
-  channel, the seed-777 benchmark's student learnt one contrast and never marked the other
-  (model seed 1: CdTe's dimmer substitutions IoU 0.00; model seed 0: SrTiO3's brighter ones
-  0.00): a dim column pulls the shared feature towards "vacancy", a bright one away from it.
+  brighter or dimmer than the bulk column is trained as two channels, its marks split by
+  the sign of the deviation map around them (`contrast_targets`), and served as the larger
+  of the two (`JoinContrasts`). With one channel, the seed-777 benchmark's student learnt
+  one contrast and never marked the other (model seed 1: CdTe's dimmer substitutions IoU
+  0.00; model seed 0: SrTiO3's brighter ones 0.00): a dim column pulls the shared feature
+  towards "vacancy", a bright one away from it.
 - Network: with `input_stride` 2 the U-Net sees the image averaged over 2 x 2 pixels (the
   probe is several pixels wide, so little is lost) and its answer is enlarged back.
 - The network is fully convolutional: it takes images of any height and width divisible by
@@ -123,13 +123,14 @@ class SegmenterConfig:
     # evidence (its deviation from the bulk lattice in noise sigmas). From the image alone a
     # point defect is one column in hundreds and the demo's budget learns none of them.
     inputs: Tuple[str, ...] = ("image", DEVIATION_INPUT)
-    # Classes with marks of both contrasts, brighter and dimmer than the bulk (SrTiO3's
-    # La/Nb substitutions against CdTe's Zn/Se ones): the class's own channel learns all its
-    # marks and an extra channel its dimmer ones alone; the class's probability is the
-    # larger of the two. One channel alone learnt only one contrast (which one, by the model
-    # seed); handing the brighter marks to the own channel alone made the stacking-fault
-    # channel fire on bright point defects (README: the A/B above the paper results). The
-    # sign comes from the teacher's deviation map, which must then be an input.
+    # Classes whose marks are split by contrast for training: a column brighter than the
+    # bulk and one dimmer (SrTiO3's La/Nb substitutions against CdTe's Zn/Se ones) each get
+    # an output channel of their own, and the class's probability is the larger of the two.
+    # One channel for both contrasts learnt only one of them (which one, by the model seed).
+    # Keeping all marks in the class's own channel beside a dimmer one, or beside a brighter
+    # and a dimmer one, lost a whole material's substitutions too (README, the A/B above the
+    # paper results). The sign comes from the teacher's deviation map, which must then be
+    # an input.
     contrast_split: Tuple[str, ...] = ("substitution",)
 
     def __post_init__(self):
@@ -225,16 +226,17 @@ def bce_dice_loss(positive_weight: float = 5.0, dice_weight: float = 1.0):
 
 
 def output_channels(num_classes: int, config: SegmenterConfig) -> Tuple[str, ...]:
-    """Names of the network's sigmoid channels before `JoinContrasts`: the classes, then
-    "<class> dimmer" per `config.contrast_split` class."""
+    """Names of the network's sigmoid channels before `JoinContrasts`: the classes (a split
+    class's own channel holds its brighter marks), then "<class> dimmer" per
+    `config.contrast_split` class."""
     classes = tuple(DEFECT_CLASSES[:num_classes])
     return classes + tuple(f"{name} dimmer" for name in config.contrast_split)
 
 
 class JoinContrasts(keras.layers.Layer):
     """[..., C + S] channel probabilities -> [..., C] class probabilities: a split class's
-    probability is the larger of its own channel and its dimmer channel; the other classes
-    pass unchanged."""
+    probability is the larger of its own (brighter) channel and its dimmer channel; the
+    other classes pass unchanged."""
 
     def __init__(self, num_classes: int, split_indices: Sequence[int], **kwargs):
         super().__init__(**kwargs)
@@ -255,16 +257,22 @@ class JoinContrasts(keras.layers.Layer):
 
 def contrast_targets(x: tf.Tensor, masks: tf.Tensor, config: SegmenterConfig):
     """(inputs [B, H, W, K], masks [B, H, W, C]) -> (inputs, targets [B, H, W, C + S]) for
-    the network's channels (`output_channels`): every class keeps its marks, and the dimmer
-    channel of each `config.contrast_split` class gets those of its marks where the deviation
-    map, averaged over CONTRAST_WINDOW x CONTRAST_WINDOW pixels, is below 0 (a dimmer column)."""
+    the network's channels (`output_channels`): the marks of each `config.contrast_split`
+    class go to its own channel where the deviation map, averaged over CONTRAST_WINDOW x
+    CONTRAST_WINDOW pixels, is >= 0 (a brighter column) and to its dimmer channel where it is
+    below 0."""
     if not config.contrast_split:
         return x, masks
     deviation = x[..., config.inputs.index(DEVIATION_INPUT)][..., tf.newaxis]
     local = tf.nn.avg_pool2d(deviation, CONTRAST_WINDOW, 1, "SAME")[..., 0]
     dimmer = tf.cast(local < 0, masks.dtype)
-    dimmer_marks = [masks[..., DEFECT_CLASSES.index(name)] * dimmer for name in config.contrast_split]
-    return x, tf.concat([masks, tf.stack(dimmer_marks, axis=-1)], axis=-1)
+    channels = tf.unstack(masks, num=len(DEFECT_CLASSES), axis=-1)
+    dimmer_marks = []
+    for name in config.contrast_split:
+        index = DEFECT_CLASSES.index(name)
+        dimmer_marks.append(channels[index] * dimmer)
+        channels[index] = channels[index] * (1 - dimmer)
+    return x, tf.stack(channels + dimmer_marks, axis=-1)
 
 
 def build_unet(num_classes: int, config: SegmenterConfig = SegmenterConfig()) -> keras.Model:

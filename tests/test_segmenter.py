@@ -97,10 +97,10 @@ def test_contrast_split_needs_the_deviation_map_and_known_classes():
         tiny(contrast_split=["substitutions"])
 
 
-def test_contrast_targets_copy_the_dimmer_marks_to_the_extra_channel():
-    """Every substitution mark stays in the substitution channel; those on a dimmer spot are
-    also the extra channel's. The mean over the window decides, so a pixel of opposite sign
-    inside a bright disc stays with its disc. Other classes pass unchanged."""
+def test_contrast_targets_split_marks_by_the_sign_of_the_deviation_around_them():
+    """Substitution marks on a brighter spot stay in the substitution channel, those on a
+    dimmer spot move to the extra channel; the mean over the window decides, so a pixel of
+    opposite sign inside a bright disc stays with its disc. Other classes pass unchanged."""
     config = tiny()
     assert segmenter.output_channels(C, config) == DEFECT_CLASSES + ("substitution dimmer",)
     deviation = np.zeros((1, 16, 16), np.float32)
@@ -116,10 +116,11 @@ def test_contrast_targets_copy_the_dimmer_marks_to_the_extra_channel():
     targets = targets.numpy()
     np.testing.assert_array_equal(same_x, x)
     assert targets.shape == (1, 16, 16, C + 1)
-    np.testing.assert_array_equal(targets[..., :C], masks)
+    np.testing.assert_array_equal(targets[0, 3:6, 3:6, 1], 1)
     np.testing.assert_array_equal(targets[0, 3:6, 3:6, C], 0)
     np.testing.assert_array_equal(targets[0, 10:13, 10:13, C], 1)
-    assert targets[..., C].sum() == 9
+    assert targets[..., 1].sum() == 9 and targets[..., C].sum() == 9
+    np.testing.assert_array_equal(targets[..., [0, 2, 3, 4, 5]], masks[..., [0, 2, 3, 4, 5]])
     unsplit = segmenter.contrast_targets(tf.constant(x), tf.constant(masks), tiny(contrast_split=[]))
     np.testing.assert_array_equal(unsplit[1], masks)
 
