@@ -44,7 +44,8 @@ and would make the transformed examples huge, and the tiling below is random per
   probe is several pixels wide, so little is lost) and its answer is enlarged back.
 - The network is fully convolutional: it takes images of any height and width divisible by
   `input_stride` x 2**depth. The exported signatures pad each image up to such a size and
-  crop the answer.
+  crop the answer, and serve the mean of the answers to `test_time_views` turned and
+  mirrored views of it (`predict`), each turned back.
 
 Exported signatures (see `_signatures`):
 - `serving_default`: `examples` [N] tf.string serialized tf.Examples (`image`, and
@@ -92,6 +93,7 @@ PSEUDO_LABEL_OK = "ok"  # components/pseudo_labels/executor.STATUS_OK
 CHANNEL_PROBABILITIES = "channel_probabilities"  # the sigmoid layer before JoinContrasts
 CONTRAST_WINDOW = 5  # pixels; a point defect's mark is a disc of about 3 pixels' radius
 DICE_SMOOTH = 1.0
+VIEW_COUNTS = (1, 4, 8)  # test_time_views: as given, the 90-degree rotations, and mirrored
 BCE_EPSILON = 1e-7
 
 
@@ -132,6 +134,14 @@ class SegmenterConfig:
     # paper results). The sign comes from the teacher's deviation map, which must then be
     # an input.
     contrast_split: Tuple[str, ...] = ("substitution",)
+    # The served probability is the mean of the network's answers over this many views of
+    # the input, each turned back (`predict`): 1 as given, 4 the four 90-degree rotations,
+    # 8 these and their mirror images. Training turns tiles the same ways, yet a small
+    # student answers each view a little differently, and the mean is better than any one:
+    # on the paper run's test split 8 views raised the IoU against the truth by 0.06
+    # (substitution), 0.08 (interstitial) and 0.02 (stacking fault) and lowered none by more
+    # than 0.005 (README). Costs the views' multiple of the network's time.
+    test_time_views: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(self.inputs))  # a JSON list, as a tuple
@@ -149,6 +159,9 @@ class SegmenterConfig:
         if not self.inputs or unknown or len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"segmenter option inputs must be distinct names from "
                              f"{', '.join(CHANNEL_SOURCES)}, got {list(self.inputs)!r}")
+        if self.test_time_views not in VIEW_COUNTS:
+            raise ValueError(f"segmenter option test_time_views must be one of "
+                             f"{', '.join(map(str, VIEW_COUNTS))}, got {self.test_time_views!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"segmenter option seed must be a non-negative integer, got {self.seed!r}")
         for name in ("tile_size", "base_filters", "depth", "epochs", "batch_size", "shuffle_buffer",
@@ -485,43 +498,61 @@ def make_dataset(file_pattern: Union[str, Sequence[str]], config: SegmenterConfi
 # Export
 
 
-def predict(model: keras.Model, x: tf.Tensor, multiple: int) -> tf.Tensor:
+def predict(model: keras.Model, x: tf.Tensor, multiple: int, views: int = 1) -> tf.Tensor:
     """Network inputs [N, H, W, K] -> probabilities [N, H, W, C]: padded with zeros at the
-    bottom and right to a multiple of `multiple`, the answer cropped back."""
+    bottom and right to a multiple of `multiple`, the answer cropped back. With `views` 4 or
+    8 (`VIEW_COUNTS`), the mean of the answers to the input turned by 0, 90, 180 and 270
+    degrees (and, for 8, each mirrored left to right), every answer turned back first. The
+    views of one shape go through the network as one batch: two calls, not eight."""
     height, width = tf.shape(x)[1], tf.shape(x)[2]
     x = tf.pad(x, [[0, 0], [0, (-height) % multiple], [0, (-width) % multiple], [0, 0]])
-    return model(x, training=False)[:, :height, :width, :]
+    if views == 1:
+        return model(x, training=False)[:, :height, :width, :]
+    mirrorings = (False, True)[:views // 4]
+    total = 0.0
+    for first_turn in (0, 1):  # upright and half-turned views, then the quarter-turned ones
+        turns = [(quarter_turns, mirrored) for quarter_turns in (first_turn, first_turn + 2)
+                 for mirrored in mirrorings]
+        batch = tf.concat([tf.image.rot90(tf.image.flip_left_right(x) if mirrored else x, k)
+                           for k, mirrored in turns], axis=0)
+        answers = tf.split(model(batch, training=False), len(turns), axis=0)
+        for (k, mirrored), answer in zip(turns, answers):
+            back = tf.image.rot90(answer, -k)
+            total += tf.image.flip_left_right(back) if mirrored else back
+    return (total / views)[:, :height, :width, :]
 
 
 def _signatures(model: keras.Model, config: SegmenterConfig) -> Dict[str, Any]:
-    multiple, inputs = config.multiple, config.inputs
+    inputs = config.inputs
     maps = tf.TensorSpec([None, None, None], tf.float32, name=serving.IMAGES)
+
+    def answer(x):
+        return {PROBABILITIES: predict(model, x, config.multiple, config.test_time_views)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=serving.EXAMPLES)])
     def serve(serialized):
-        x = tf.map_fn(lambda one: parse_example(one, inputs)[0], serialized,
-                      fn_output_signature=tf.TensorSpec([None, None, len(inputs)], tf.float32))
-        return {PROBABILITIES: predict(model, x, multiple)}
+        return answer(tf.map_fn(lambda one: parse_example(one, inputs)[0], serialized,
+                                fn_output_signature=tf.TensorSpec([None, None, len(inputs)],
+                                                                  tf.float32)))
 
     if DEVIATION_INPUT in inputs:
         deviation = tf.TensorSpec([None, None, None], tf.float32, name=DEVIATION_INPUT)
 
         @tf.function(input_signature=[maps, deviation])
         def serve_images(images, deviation_z):
-            return {PROBABILITIES: predict(model, network_input(images, deviation_z, inputs), multiple)}
+            return answer(network_input(images, deviation_z, inputs))
 
         @tf.function(input_signature=[maps, deviation])
         def serve_standardised(images, deviation_z):
-            x = network_input(images, deviation_z, inputs, standardised=True)
-            return {PROBABILITIES: predict(model, x, multiple)}
+            return answer(network_input(images, deviation_z, inputs, standardised=True))
     else:
         @tf.function(input_signature=[maps])
         def serve_images(images):
-            return {PROBABILITIES: predict(model, network_input(images, None, inputs), multiple)}
+            return answer(network_input(images, None, inputs))
 
         @tf.function(input_signature=[maps])
         def serve_standardised(images):
-            return {PROBABILITIES: predict(model, network_input(images, None, inputs, True), multiple)}
+            return answer(network_input(images, None, inputs, standardised=True))
 
     return {"serving_default": serve, serving.IMAGES_SIGNATURE: serve_images,
             serving.STANDARDISED_SIGNATURE: serve_standardised}

@@ -63,7 +63,8 @@ def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
         segmenter.SegmenterConfig(tile_size=36, depth=3)
     for bad in (dict(tiles_per_image=0), dict(defect_tile_fraction=1.5),
                 dict(defect_tile_fraction=-0.1), dict(prior_probability=0.0),
-                dict(prior_probability=1.0), dict(seed=-1), dict(seed=1.5)):
+                dict(prior_probability=1.0), dict(seed=-1), dict(seed=1.5),
+                dict(test_time_views=2), dict(test_time_views=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             segmenter.SegmenterConfig(**bad)
 
@@ -87,6 +88,44 @@ def test_unet_takes_any_multiple_of_the_stride_times_two_to_the_depth(height, wi
     assert np.all((out >= 0) & (out <= 1))
     with pytest.raises(ValueError, match="divisible"):
         tiny(input_stride=3)  # 32 is no multiple of 3 x 4
+
+
+def test_views_average_the_answers_to_the_turned_and_mirrored_input():
+    """The reference is written with NumPy's own rot90 / flip, independently of `predict`."""
+    config = tiny(input_stride=1)
+    model = segmenter.build_unet(C, config)
+    x = np.random.default_rng(3).normal(size=(2, 24, 40, 2)).astype(np.float32)
+
+    def answer(view):
+        return model(np.ascontiguousarray(view), training=False).numpy()
+
+    def turned_back(k, mirrored):
+        view = np.flip(x, axis=2) if mirrored else x
+        back = np.rot90(answer(np.rot90(view, k, axes=(1, 2))), -k, axes=(1, 2))
+        return np.flip(back, axis=2) if mirrored else back
+
+    single = segmenter.predict(model, tf.constant(x), config.multiple).numpy()
+    np.testing.assert_allclose(single, answer(x), atol=1e-6)
+    four = segmenter.predict(model, tf.constant(x), config.multiple, views=4).numpy()
+    np.testing.assert_allclose(four, np.mean([turned_back(k, False) for k in range(4)], axis=0),
+                               atol=1e-5)
+    eight = segmenter.predict(model, tf.constant(x), config.multiple, views=8).numpy()
+    np.testing.assert_allclose(
+        eight, np.mean([turned_back(k, m) for k in range(4) for m in (False, True)], axis=0),
+        atol=1e-5)
+    # the random network answers every view differently, so the means are not the single answer
+    assert np.abs(eight - single).max() > 1e-4 and np.abs(eight - four).max() > 1e-4
+
+    # 8 views make the answer follow the input turned or mirrored; 1 view does not
+    def rotated(views):
+        return segmenter.predict(model, tf.constant(np.rot90(x, 1, axes=(1, 2)).copy()),
+                                 config.multiple, views=views).numpy()
+
+    np.testing.assert_allclose(rotated(8), np.rot90(eight, 1, axes=(1, 2)), atol=1e-5)
+    assert np.abs(rotated(1) - np.rot90(single, 1, axes=(1, 2))).max() > 1e-4
+    mirrored = segmenter.predict(model, tf.constant(np.flip(x, axis=2).copy()), config.multiple,
+                                 views=8).numpy()
+    np.testing.assert_allclose(mirrored, np.flip(eight, axis=2), atol=1e-5)
 
 
 def test_contrast_split_needs_the_deviation_map_and_known_classes():
@@ -294,6 +333,16 @@ def test_run_fn_trains_exports_and_serves_every_signature(tmp_path, inputs):
     probabilities = by_images[segmenter.PROBABILITIES].numpy()
     assert probabilities.shape == (3, 38, 42, C)
     assert np.all((probabilities >= 0) & (probabilities <= 1))
+    # the export averages over the configured views (8 by default): a turned image, a
+    # turned answer
+    assert history["config"][0]["test_time_views"] == 8
+    square = odd[:, :32, :32]  # the padded sides turn with the image only when none are padded
+    upright = serving_images(**serving.signature_arguments(serving_images, square, square))
+    turned = serving_images(**serving.signature_arguments(
+        serving_images, np.rot90(square, 1, axes=(1, 2)).copy(), np.rot90(square, 1, axes=(1, 2)).copy()))
+    np.testing.assert_allclose(turned[segmenter.PROBABILITIES].numpy(),
+                               np.rot90(upright[segmenter.PROBABILITIES].numpy(), 1, axes=(1, 2)),
+                               atol=1e-5)
     # the signatures agree on the same images
     raw = np.stack([m.image for m in evaluation])
     deviation = np.stack([m.deviation_z for m in evaluation])
