@@ -333,9 +333,9 @@ def test_run_fn_trains_exports_and_serves_every_signature(tmp_path, inputs):
     probabilities = by_images[segmenter.PROBABILITIES].numpy()
     assert probabilities.shape == (3, 38, 42, C)
     assert np.all((probabilities >= 0) & (probabilities <= 1))
-    # the export averages over the configured views (8 by default): a turned image, a
-    # turned answer
-    assert history["config"][0]["test_time_views"] == 8
+    # the export averages over the configured views (the four rotations by default): a
+    # turned image, a turned answer
+    assert history["config"][0]["test_time_views"] == 4
     square = odd[:, :32, :32]  # the padded sides turn with the image only when none are padded
     upright = serving_images(**serving.signature_arguments(serving_images, square, square))
     turned = serving_images(**serving.signature_arguments(
