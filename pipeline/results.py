@@ -236,7 +236,16 @@ def _profile(executions, outputs) -> Dict[str, Any]:
         profile["classifier"] = without_fingerprint(_json_property(executions["Trainer"], "custom_config"))
         if history is not None and history.get("started_from"):
             profile["classifier"]["started_from"] = history["started_from"][0]
-    if "SegmenterTrainer" in executions:
+    segmenter_history = None
+    if "SegmenterTrainer.model_run" in outputs:
+        path = os.path.join(outputs["SegmenterTrainer.model_run"].uri, "history.json")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                segmenter_history = json.load(handle)
+    if segmenter_history and segmenter_history.get("config"):
+        # what the run trained and served with; a run from before test_time_views served one view
+        profile["segmenter"] = dict({"test_time_views": 1}, **segmenter_history["config"][0])
+    elif "SegmenterTrainer" in executions:
         overrides = without_fingerprint(_json_property(executions["SegmenterTrainer"], "custom_config"))
         try:
             import dataclasses
@@ -530,7 +539,10 @@ def markdown(results: Dict[str, Any], figures_rel_dir: str, command: Optional[st
         unet = profile.get("segmenter") or {}
         lines += ["### U-Net: IoU per class against the ground truth, student vs teacher", "",
                   f"U-Net ({unet.get('base_filters', '?')} base filters, depth {unet.get('depth', '?')}, "
-                  f"{_count(unet.get('epochs'), 'epoch')}) trained on the pseudo-labels only; scored on "
+                  f"{_count(unet.get('epochs'), 'epoch')}) trained on the pseudo-labels only"
+                  + (f", its answer the mean over {unet['test_time_views']} turned and mirrored views of "
+                     f"each image" if unet.get("test_time_views", 1) > 1 else "")
+                  + "; scored on "
                   f"{segmentation['images']} {segmentation['split']} images "
                   f"({segmentation['images_with_ground_truth']} with ground truth), pixels pooled, "
                   f"threshold {segmentation['threshold']}; gate IoU >= {segmentation['min_iou']} against "

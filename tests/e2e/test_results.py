@@ -109,6 +109,10 @@ def test_iou_per_class_student_and_teacher_from_the_evaluation_file(generated):
     assert f"{report['images']} {report['split']} images ({report['images_with_ground_truth']} with " \
            f"ground truth)" in generated.section
     assert generated.results["segmentation"]["source"] == path
+    # the views the run served with, from its Trainer's own record
+    with open(os.path.join(generated.artifacts["SegmenterTrainer.model_run"].uri, "history.json")) as handle:
+        views = json.load(handle)["config"][0]["test_time_views"]
+    assert views > 1 and f"the mean over {views} turned and mirrored views" in generated.section
     assert generated.results["segmentation"]["classes"]["vacancy"]["teacher_vs_truth"] == \
         report["teacher_vs_truth"]["vacancy"]["iou"]
 
