@@ -214,12 +214,14 @@ def _profile(executions, outputs) -> Dict[str, Any]:
     """What the run was asked to do, from its executions' parameters (and where the
     classifier started, from the Trainer's history.json)."""
     profile: Dict[str, Any] = {}
-    history = None
-    if "Trainer.model_run" in outputs:
-        path = os.path.join(outputs["Trainer.model_run"].uri, "history.json")
-        if os.path.isfile(path):
-            with open(path) as handle:
-                history = json.load(handle)
+
+    def history(model_run: str) -> Dict[str, Any]:
+        """A Trainer's history.json ({} when the run has none)."""
+        path = os.path.join(outputs[model_run].uri, "history.json") if model_run in outputs else ""
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as handle:
+            return json.load(handle)
 
     def without_fingerprint(options):
         return {k: v for k, v in (options or {}).items() if k != "code_fingerprint"}
@@ -234,15 +236,11 @@ def _profile(executions, outputs) -> Dict[str, Any]:
             _json_property(executions["MicrographExampleGen"], "micrograph_config")))
     if "Trainer" in executions:
         profile["classifier"] = without_fingerprint(_json_property(executions["Trainer"], "custom_config"))
-        if history is not None and history.get("started_from"):
-            profile["classifier"]["started_from"] = history["started_from"][0]
-    segmenter_history = None
-    if "SegmenterTrainer.model_run" in outputs:
-        path = os.path.join(outputs["SegmenterTrainer.model_run"].uri, "history.json")
-        if os.path.isfile(path):
-            with open(path) as handle:
-                segmenter_history = json.load(handle)
-    if segmenter_history and segmenter_history.get("config"):
+        started_from = history("Trainer.model_run").get("started_from")
+        if started_from:
+            profile["classifier"]["started_from"] = started_from[0]
+    segmenter_history = history("SegmenterTrainer.model_run")
+    if segmenter_history.get("config"):
         # what the run trained and served with; a run from before test_time_views served one view
         profile["segmenter"] = dict({"test_time_views": 1}, **segmenter_history["config"][0])
     elif "SegmenterTrainer" in executions:
