@@ -1,14 +1,16 @@
 """What do test-time views buy? One trained U-Net scored with 1, 4 and 8 views of each image.
 
     .venv/bin/python benchmarks/segmentation_views.py [--model DIR] [--history FILE]
-        [--examples GLOB] [--views 1 4 8] [--frame-size 4096] [--out PATH]
+        [--examples GLOB] [--views 1 4 8] [--planar-min-width W] [--frame-size 4096] [--out PATH]
     .venv/bin/python benchmarks/segmentation_views.py --table-only [PATH]
 
 Model: a SavedModel written by `modules.segmenter.run_fn`, loaded as Keras, with the
 SegmenterConfig its Trainer recorded in `history.json`. Defaults: the paper profile's newest
 pushed U-Net and its newest Trainer run (`make paper`). Its answers come from
-`modules.segmenter.predict` with each view count, the code the export serves, on whole
-images (the teacher's deviation map from the examples, as the SegmentationEvaluator gives it).
+`modules.segmenter.served_probabilities`, the code the export serves, with each view count
+and the recorded `planar_min_width` (0 for a run from before it; --planar-min-width serves
+the model with another), on whole images (the teacher's deviation map from the examples, as
+the SegmentationEvaluator gives it).
 
 Examples: GZIP TFRecords written by the PseudoLabeler, with `mask_true` (default: the paper
 run's test split). Scores as the SegmentationEvaluator's (`components.segmentation.executor
@@ -68,8 +70,8 @@ def load_model(model_dir: str, history_path: str):
 
     from modules import segmenter
 
-    with open(history_path) as handle:  # a run from before test_time_views served one view
-        recorded = dict({"test_time_views": 1}, **json.load(handle)["config"][0])
+    with open(history_path) as handle:  # a run from before these options: one view, no opening
+        recorded = dict({"test_time_views": 1, "planar_min_width": 0}, **json.load(handle)["config"][0])
     known = {field.name for field in dataclasses.fields(segmenter.SegmenterConfig)}
     config = segmenter.SegmenterConfig(**{k: v for k, v in recorded.items() if k in known})
     model = tf.keras.models.load_model(model_dir, compile=False,
@@ -84,9 +86,11 @@ def measure(model, config, micrographs, views: int):
     from components.segmentation.executor import score
     from modules import segmenter
 
+    served = dataclasses.replace(config, test_time_views=views)
+
     @tf.function(reduce_retracing=True)
     def answer(x):
-        return segmenter.predict(model, x, config.multiple, views)
+        return segmenter.served_probabilities(model, x, served)
 
     inputs = [segmenter.network_input(micrograph.image[np.newaxis],
                                       None if micrograph.deviation_z is None
@@ -131,7 +135,7 @@ def frame_seconds(model, config, views: int, size: int, work_dir: str) -> dict:
 
 
 def build_report(model_dir: str, history_path: str, examples: str, view_counts,
-                 frame_size: int) -> dict:
+                 frame_size: int, planar_min_width=None) -> dict:
     import tensorflow as tf
 
     from components import contract
@@ -143,6 +147,8 @@ def build_report(model_dir: str, history_path: str, examples: str, view_counts,
     micrographs = [contract.from_example(record.numpy())
                    for record in tf.data.TFRecordDataset(files, compression_type="GZIP")]
     model, config = load_model(model_dir, history_path)
+    if planar_min_width is not None:
+        config = dataclasses.replace(config, planar_min_width=planar_min_width)
     rows, teacher = [], None
     for views in view_counts:
         overall, per_material, seconds = measure(model, config, micrographs, views)
@@ -197,6 +203,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--examples", default=None,
                         help="glob of PseudoLabeler TFRecords (default: the paper run's test split)")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--planar-min-width", type=int, default=None,
+                        help="serve with this planar_min_width (default: the recorded one)")
     parser.add_argument("--frame-size", type=int, default=4096,
                         help="side of the frame timed per view count; 0: no frame")
     parser.add_argument("--out", default=RESULTS)
@@ -218,7 +226,8 @@ def main(argv=None) -> dict:
     examples = args.examples or os.path.join(
         newest(os.path.join(PAPER_ROOT, "PseudoLabeler", "pseudo_labelled_examples", "*")),
         "Split-test", "*.gz")
-    report = build_report(model_dir, history, examples, args.views, args.frame_size)
+    report = build_report(model_dir, history, examples, args.views, args.frame_size,
+                          args.planar_min_width)
     write_report(report, args.out)
     print(tables(report))
     return report

@@ -16,6 +16,10 @@ DEFECT_CLASSES = (
     "twin_boundary",
 )
 
+# Defects that cross the whole crystal along a lattice plane: marked as bands tens of
+# pixels wide, where a point defect's mark is a few pixels across.
+PLANAR_CLASSES = ("stacking_fault", "twin_boundary")
+
 # Image class of a defect-free crystal; the classifier's labels are BULK_LABEL plus the
 # defect classes present in the data.
 BULK_LABEL = "bulk"

@@ -241,8 +241,10 @@ def _profile(executions, outputs) -> Dict[str, Any]:
             profile["classifier"]["started_from"] = started_from[0]
     segmenter_history = history("SegmenterTrainer.model_run")
     if segmenter_history.get("config"):
-        # what the run trained and served with; a run from before test_time_views served one view
-        profile["segmenter"] = dict({"test_time_views": 1}, **segmenter_history["config"][0])
+        # what the run trained and served with; a run from before test_time_views served one
+        # view, and one from before planar_min_width opened nothing
+        profile["segmenter"] = dict({"test_time_views": 1, "planar_min_width": 0},
+                                    **segmenter_history["config"][0])
     elif "SegmenterTrainer" in executions:
         overrides = without_fingerprint(_json_property(executions["SegmenterTrainer"], "custom_config"))
         try:
@@ -540,6 +542,8 @@ def markdown(results: Dict[str, Any], figures_rel_dir: str, command: Optional[st
                   f"{_count(unet.get('epochs'), 'epoch')}) trained on the pseudo-labels only"
                   + (f", its answer the mean over {unet['test_time_views']} turned and mirrored views of "
                      f"each image" if unet.get("test_time_views", 1) > 1 else "")
+                  + (f", planar marks narrower than {unet['planar_min_width']} pixels removed"
+                     if unet.get("planar_min_width", 0) > 1 else "")
                   + "; scored on "
                   f"{segmentation['images']} {segmentation['split']} images "
                   f"({segmentation['images_with_ground_truth']} with ground truth), pixels pooled, "

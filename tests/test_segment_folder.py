@@ -199,8 +199,8 @@ def test_an_exported_unet_sees_tiles_of_one_standardised_frame(tmp_path, inputs)
     deviation = (rng.normal(size=frame.shape) * 4).astype(np.float32) if len(inputs) > 1 else None
     standardised = (frame - frame.mean()) / frame.std()
     channels = [standardised] + ([scale_deviation(deviation).numpy()] if len(inputs) > 1 else [])
-    whole = segmenter.predict(model, tf.constant(np.stack(channels, -1)[None]), config.multiple,
-                              config.test_time_views).numpy()[0]  # as the export answers
+    whole = segmenter.served_probabilities(  # as the export answers
+        model, tf.constant(np.stack(channels, -1)[None]), config).numpy()[0]
     whole = np.moveaxis(whole, -1, 0)
     predictor = segment_folder.load_predictor(str(tmp_path / "unet"))
     assert predictor.needs_deviation == (len(inputs) > 1)

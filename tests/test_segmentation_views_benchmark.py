@@ -89,3 +89,34 @@ def test_every_view_count_is_scored_against_the_truth_and_the_teacher(bench, tmp
         bench.main(["--model", model_dir, "--history", str(history), "--examples",
                     str(examples), "--views", "2", "--frame-size", "0", "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_a_run_from_before_the_opening_is_served_without_it_unless_asked(bench, tmp_path):
+    import tensorflow as tf
+
+    from components import contract
+    from modules import segmenter
+
+    config = segmenter.SegmenterConfig(tile_size=32, base_filters=4, depth=2, prior_probability=0.5)
+    model = segmenter.build_unet(C, config)
+    model_dir = str(tmp_path / "model")
+    model.save(model_dir, save_format="tf", signatures=segmenter._signatures(model, config))
+    recorded = dataclasses.asdict(config)
+    del recorded["planar_min_width"]  # as an older Trainer's history.json
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"config": [recorded]}))
+    examples = tmp_path / "test.gz"
+    with tf.io.TFRecordWriter(str(examples), options="GZIP") as writer:
+        writer.write(contract.to_example(micrograph("CdTe", 4)).SerializeToString())
+
+    def run(*extra):
+        return bench.main(["--model", model_dir, "--history", str(history), "--examples",
+                           str(examples), "--views", "1", "--frame-size", "0",
+                           "--out", str(tmp_path / "views.json"), *extra])
+
+    as_recorded, opened = run(), run("--planar-min-width", "9")
+    assert as_recorded["segmenter"]["planar_min_width"] == 0
+    assert opened["segmenter"]["planar_min_width"] == 9
+    # the opening touches the planar classes only
+    assert opened["rows"][0]["student_vs_truth"]["vacancy"] == \
+        as_recorded["rows"][0]["student_vs_truth"]["vacancy"]

@@ -64,7 +64,8 @@ def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
     for bad in (dict(tiles_per_image=0), dict(defect_tile_fraction=1.5),
                 dict(defect_tile_fraction=-0.1), dict(prior_probability=0.0),
                 dict(prior_probability=1.0), dict(seed=-1), dict(seed=1.5),
-                dict(test_time_views=2), dict(test_time_views=0)):
+                dict(test_time_views=2), dict(test_time_views=0), dict(planar_min_width=8),
+                dict(planar_min_width=-1), dict(planar_min_width=9.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             segmenter.SegmenterConfig(**bad)
 
@@ -126,6 +127,29 @@ def test_views_average_the_answers_to_the_turned_and_mirrored_input():
     mirrored = segmenter.predict(model, tf.constant(np.flip(x, axis=2).copy()), config.multiple,
                                  views=8).numpy()
     np.testing.assert_allclose(mirrored, np.flip(eight, axis=2), atol=1e-5)
+
+
+def test_opening_removes_narrow_planar_marks_and_keeps_bands_and_point_defects():
+    """A 7-pixel disc and a 21-pixel-wide slanted band in every channel: after an opening
+    over 9 pixels the planar channels keep the band and lose the disc; the others keep both."""
+    rows, columns = np.mgrid[:96, :96]
+    disc = (rows - 20) ** 2 + (columns - 70) ** 2 <= 3 ** 2
+    band = np.abs(rows - 0.5 * columns - 50) <= 10.5 * np.hypot(1, 0.5)  # 21 px across
+    marks = np.where(disc | band, 0.9, 0.02).astype(np.float32)
+    probabilities = np.repeat(marks[np.newaxis, ..., np.newaxis], C, axis=-1)
+    opened = segmenter.open_planar(tf.constant(probabilities), 9).numpy()[0]
+    inside = band & ~np.isin(rows, [0, 95]) & ~np.isin(columns, [0, 95])
+    for index, name in enumerate(DEFECT_CLASSES):
+        if name in ("stacking_fault", "twin_boundary"):
+            assert opened[disc, index].max() == pytest.approx(0.02)  # the disc is gone
+            kept = np.isclose(opened[..., index][inside], 0.9)
+            assert np.mean(kept) > 0.95, np.mean(kept)  # the band stays, but for its corners
+            assert np.all(opened[..., index] <= marks + 1e-7)  # an opening never adds
+        else:
+            np.testing.assert_array_equal(opened[..., index], marks)
+    for width in (0, 1):
+        np.testing.assert_array_equal(segmenter.open_planar(tf.constant(probabilities), width),
+                                      probabilities)
 
 
 def test_contrast_split_needs_the_deviation_map_and_known_classes():
@@ -336,6 +360,7 @@ def test_run_fn_trains_exports_and_serves_every_signature(tmp_path, inputs):
     # the export averages over the configured views (the four rotations by default): a
     # turned image, a turned answer
     assert history["config"][0]["test_time_views"] == 4
+    assert history["config"][0]["planar_min_width"] == 9
     square = odd[:, :32, :32]  # the padded sides turn with the image only when none are padded
     upright = serving_images(**serving.signature_arguments(serving_images, square, square))
     turned = serving_images(**serving.signature_arguments(

@@ -111,8 +111,10 @@ def test_iou_per_class_student_and_teacher_from_the_evaluation_file(generated):
     assert generated.results["segmentation"]["source"] == path
     # the views the run served with, from its Trainer's own record
     with open(os.path.join(generated.artifacts["SegmenterTrainer.model_run"].uri, "history.json")) as handle:
-        views = json.load(handle)["config"][0]["test_time_views"]
+        recorded = json.load(handle)["config"][0]
+    views, width = recorded["test_time_views"], recorded["planar_min_width"]
     assert views > 1 and f"the mean over {views} turned and mirrored views" in generated.section
+    assert width > 1 and f"planar marks narrower than {width} pixels removed" in generated.section
     assert generated.results["segmentation"]["classes"]["vacancy"]["teacher_vs_truth"] == \
         report["teacher_vs_truth"]["vacancy"]["iou"]
 
