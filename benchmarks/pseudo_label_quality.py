@@ -39,6 +39,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from components.materials import substitution_contrast  # noqa: E402
 from components.defects import BULK_LABEL, DEFECT_CLASSES  # noqa: E402
 from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
                      write_report)
@@ -140,7 +141,8 @@ def evaluate(seed: int, images_per_class: int, config: SimulationConfig, materia
         wall, cpu = time.perf_counter(), time.process_time()
         error = None
         try:
-            mask = pseudo_labels(sim.image, teacher).mask  # the image only, never sim.mask
+            # the image and its material's substituent contrast (as the pipeline), never sim.mask
+            mask = pseudo_labels(sim.image, teacher, substitution_contrast(material)).mask
         except ValueError as exc:  # no lattice found: scored as an empty mask
             mask, error = np.zeros_like(sim.mask), str(exc)
         label_s.append(time.perf_counter() - wall)

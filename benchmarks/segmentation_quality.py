@@ -64,6 +64,7 @@ if ROOT not in sys.path:  # run as a file: the project's packages live one folde
     sys.path.insert(0, ROOT)
 
 from components import contract  # noqa: E402
+from components.materials import substitution_contrast  # noqa: E402
 from components.defects import DEFECT_CLASSES  # noqa: E402
 from components.pseudo_labels.lattice import PseudoLabelConfig, pseudo_labels  # noqa: E402
 from components.synthesis.simulator import (  # noqa: E402
@@ -105,7 +106,8 @@ def labelled_set(seed: int, per_class: int, config: SimulationConfig,
     for index, material, label, occurrence in plan:
         sim = simulate_image(material, label, seed_for(seed, index), config)
         try:
-            labels = pseudo_labels(sim.image, teacher)  # the image only
+            # the image only, and the contrast the material's substituents give (as the pipeline)
+            labels = pseudo_labels(sim.image, teacher, substitution_contrast(material))
             teacher_output = dict(mask_pseudo=labels.mask, deviation=labels.deviation,
                                   deviation_z=labels.z, noise_sigma=float(labels.noise),
                                   pseudo_label_status="ok")

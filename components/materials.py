@@ -174,6 +174,16 @@ class Material:
     def substituent(self, column_name: str) -> str | None:
         return dict(self.substituents).get(column_name)
 
+    @property
+    def substitution_contrast(self) -> int:
+        """+1 when every substituent is heavier than the host it replaces (HAADF intensity
+        goes as Z**n, so its column turns brighter), -1 when every one is lighter (dimmer),
+        0 when they differ or there are none."""
+        hosts = {column.name: column.host for column in self.columns}
+        signs = {1 if species(element).z > species(hosts[column_name]).z else -1
+                 for column_name, element in self.substituents}
+        return signs.pop() if len(signs) == 1 else 0
+
 
 _STO_A = 3.905  # SrTiO3, cubic perovskite
 _CDTE_A = 6.481  # CdTe, zinc blende
@@ -254,6 +264,13 @@ MATERIALS: dict[str, Material] = {
         stacking_planes=_CDTE_PLANES,
     ),
 }
+
+
+def substitution_contrast(name: str) -> int:
+    """`Material.substitution_contrast` of a registered material; 0 (either sign) for a name
+    the registry does not hold, such as a real micrograph's "unknown"."""
+    material = MATERIALS.get(name)
+    return material.substitution_contrast if material else 0
 
 
 def get_material(name: str) -> Material:

@@ -27,7 +27,7 @@ from typing import Dict, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from components import contract  # noqa: E402
+from components import contract, materials  # noqa: E402
 from components.defects import DEFECT_CLASSES, IMAGE_CLASSES  # noqa: E402
 from components.progress import Progress  # noqa: E402
 from components.pseudo_labels import lattice  # noqa: E402
@@ -45,7 +45,7 @@ def simulate_maps(item: Tuple[int, str, str, int], seed: int,
     index, material, label, _ = item
     image = simulator.simulate_image(material, label, simulator.seed_for(seed, index), config).image
     try:
-        labels = lattice.pseudo_labels(image)
+        labels = lattice.pseudo_labels(image, substitution_sign=materials.substitution_contrast(material))
         deviation_z, mask = labels.z, labels.mask
     except ValueError:  # no lattice found: the pipeline's pseudo-labeller writes zeros too
         deviation_z = np.zeros_like(image)

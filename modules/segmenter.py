@@ -545,10 +545,16 @@ def open_planar(probabilities: tf.Tensor, width: int) -> tf.Tensor:
     band running out of the frame keeps its end. `width` 0 or 1: unchanged."""
     if width <= 1:
         return probabilities
-    eroded = -tf.nn.max_pool2d(-probabilities, width, 1, "SAME")
-    opened = tf.nn.max_pool2d(eroded, width, 1, "SAME")
+
+    def max_filter(t):  # a square's maximum as a column's then a row's: 2 w, not w**2, per pixel
+        return tf.nn.max_pool2d(tf.nn.max_pool2d(t, (width, 1), 1, "SAME"), (1, width), 1, "SAME")
+
+    planar_indices = [DEFECT_CLASSES.index(name) for name in PLANAR_CLASSES]
+    opened = max_filter(-max_filter(-tf.gather(probabilities, planar_indices, axis=-1)))
+    # every channel's opened counterpart (a non-planar channel's is unused), then chosen
+    source = [planar_indices.index(c) if c in planar_indices else 0 for c in range(len(DEFECT_CLASSES))]
     planar = tf.constant([name in PLANAR_CLASSES for name in DEFECT_CLASSES])
-    return tf.where(planar, opened, probabilities)
+    return tf.where(planar, tf.gather(opened, source, axis=-1), probabilities)
 
 
 def served_probabilities(model: keras.Model, x: tf.Tensor, config: SegmenterConfig) -> tf.Tensor:

@@ -25,6 +25,9 @@ def test_config_reads_overrides_and_refuses_unknown_or_bad_fields():
         ClusteringConfig(k_min=4, k_max=3)
     with pytest.raises(ValueError, match="threshold"):
         ClusteringConfig(threshold=1.0)
+    assert parse_clustering_config(json.dumps({"outlier_clip": None})).outlier_clip is None
+    with pytest.raises(ValueError, match="outlier_clip must be a positive number"):
+        ClusteringConfig(outlier_clip=-1.0)
     with pytest.raises(ValueError, match="unknown clustering options"):
         load_config("test").replace(clustering={"colour": "red"})
 

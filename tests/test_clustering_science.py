@@ -155,6 +155,21 @@ def test_cluster_recovers_three_blobs():
     assert "labels" not in result.to_dict()
 
 
+def test_one_far_outlier_does_not_take_a_cluster_of_its_own():
+    """Clipped at 3 sigma, an image 50 sigma out on one descriptor joins the nearest blob; without
+    the clip it is k-means' fourth cluster, alone, and the silhouette picks that k."""
+    X, truth = blobs()
+    X[0, 0] += 1000.0
+    clipped = grouping.cluster(X, k_range=(2, 6))
+    assert clipped.chosen_k == 3 and min(clipped.cluster_sizes()) > 90
+    assert clipped.method["outlier_clip"] == grouping.OUTLIER_CLIP
+    assert grouping.agreement(truth, clipped.labels)["ari"] > 0.95
+    unclipped = grouping.cluster(X, k_range=(2, 6), clip=None)
+    assert unclipped.chosen_k == 4 and min(unclipped.cluster_sizes()) == 1
+    with pytest.raises(ValueError, match="clip must be a positive number"):
+        grouping.standardise(X, clip=0.0)
+
+
 def test_minibatch_path_recovers_three_blobs():
     X, truth = blobs()
     result = grouping.cluster(X, k_range=(2, 5), minibatch_above=100)

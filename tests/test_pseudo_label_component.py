@@ -187,6 +187,22 @@ def test_pseudo_labels_do_not_depend_on_mask_true():
     assert contract.from_example(contract.to_example(original)).mask_true is not None
 
 
+def test_substitutions_take_the_contrast_of_the_examples_material():
+    """A CdTe substitution dims its column (Zn, Se are lighter than Cd, Te): the labeller marks
+    it as CdTe or as a material the registry does not hold, and not under SrTiO3's sign
+    (brighter only)."""
+    original = micrograph("CdTe", "substitution", 2)
+
+    def substitution_pixels(material):
+        m = dataclasses.replace(original, material=material)
+        labelled = label_example(contract.to_example(m).SerializeToString(), PseudoLabelConfig())
+        return int(contract.from_example(labelled.example).mask_pseudo[class_index("substitution")].sum())
+
+    assert substitution_pixels("CdTe") > 0
+    assert substitution_pixels("unknown") == substitution_pixels("CdTe")
+    assert substitution_pixels("SrTiO3") == 0
+
+
 def test_report_scores_every_class_per_split_and_material_where_ground_truth_exists(labelled_run):
     _, _, _, quality = labelled_run
     overall = quality["overall"]

@@ -231,6 +231,27 @@ def test_brighter_column_is_a_substitution_not_a_vacancy():
         assert rel and abs(rel[0] - (factor - 1)) < 0.15, (factor, rel)
 
 
+def test_substitution_sign_keeps_only_the_contrast_the_material_allows():
+    """A heavier substituent brightens its column, a lighter one dims it (Z-contrast): with
+    the material's sign given, a column changed the other way is no substitution, and the
+    teacher labels nothing else in its place."""
+    for factor, sign in ((1.8, 1), (0.5, -1)):
+        picked = {}
+
+        def scale(pos, wts):
+            picked["k"] = central_column(pos, wts)
+            wts[picked["k"]] *= factor
+            return []
+
+        image, _, _ = lattice_image(angle_deg=19.0, edit=scale, seed=2)
+        assert pseudo_labels(image, substitution_sign=sign).mask[class_index("substitution")].any()
+        refused = pseudo_labels(image, substitution_sign=-sign)
+        assert not refused.mask.any(), factor
+        assert [d[0] for d in refused.detections] == [], factor
+    with pytest.raises(ValueError, match="substitution_sign must be -1, 0 or 1, got 2"):
+        pseudo_labels(image, substitution_sign=2)
+
+
 def test_extra_column_in_an_empty_channel_is_an_interstitial():
     picked = {}
 
@@ -326,8 +347,9 @@ def test_result_types_and_shapes():
 
 
 def test_the_teacher_never_sees_a_ground_truth_mask():
-    # The API takes the image (and the rules), nothing else ...
-    assert list(inspect.signature(pseudo_labels).parameters) == ["image", "config"]
+    # The API takes the image (the rules, and the sign of the material's substituents'
+    # contrast), nothing else ...
+    assert list(inspect.signature(pseudo_labels).parameters) == ["image", "config", "substitution_sign"]
     assert list(inspect.signature(estimate_lattice).parameters) == ["image", "gpa_cells"]
     # ... and the module imports nothing that could hand it one.
     tree = ast.parse(inspect.getsource(teacher))

@@ -152,6 +152,20 @@ def test_opening_removes_narrow_planar_marks_and_keeps_bands_and_point_defects()
                                       probabilities)
 
 
+def test_opening_is_the_square_minimum_then_maximum_filter_in_the_planar_channels_only():
+    """The separable opening equals SciPy's square filters (the frame's outside ignored) on
+    random maps, channel by channel."""
+    from scipy import ndimage
+
+    maps = np.random.default_rng(0).random((2, 40, 50, C)).astype(np.float32)
+    opened = segmenter.open_planar(tf.constant(maps), 9).numpy()
+    eroded = ndimage.minimum_filter(maps, size=(1, 9, 9, 1), mode="constant", cval=np.inf)
+    expected = ndimage.maximum_filter(eroded, size=(1, 9, 9, 1), mode="constant", cval=-np.inf)
+    for index, name in enumerate(DEFECT_CLASSES):
+        wanted = expected if name in ("stacking_fault", "twin_boundary") else maps
+        np.testing.assert_array_equal(opened[..., index], wanted[..., index], err_msg=name)
+
+
 def test_contrast_split_needs_the_deviation_map_and_known_classes():
     with pytest.raises(ValueError, match="contrast_split.*needs 'deviation_z'"):
         tiny(inputs=["image"])

@@ -15,7 +15,8 @@ from components.defects import (
     MIXED_LABEL,
     class_index,
 )
-from components.materials import ATOMIC_NUMBERS, MATERIALS, Column, Material, get_material
+from components.materials import (ATOMIC_NUMBERS, MATERIALS, Column, Material, get_material,
+                                  substitution_contrast)
 from components.synthesis.simulator import (
     SimulationConfig,
     applicable_labels,
@@ -202,6 +203,19 @@ def test_material_declares_its_defect_classes():
         Material(**base, defect_classes=("twin_boundary",))
     with pytest.raises(ValueError, match="defect_classes"):
         Material(**base, defect_classes=("grain",))
+
+
+def test_substitution_contrast_follows_the_atomic_numbers_of_substituent_and_host():
+    assert get_material("SrTiO3").substitution_contrast == 1  # La > Sr, Nb > Ti
+    assert get_material("CdTe").substitution_contrast == -1  # Zn < Cd, Se < Te
+    assert substitution_contrast("CdTe") == -1
+    assert substitution_contrast("unknown") == 0  # a real micrograph's unregistered material
+    columns = (Column((0.0, 0.0), (("Sr", 1.0),), "Sr"), Column((0.5, 0.5), (("Ti", 1.0), ("O", 1.0)), "TiO"))
+    base = dict(name="X", zone_axis="[001]", cell=(4.0, 4.0), repeat=4.0, columns=columns,
+                defect_classes=("substitution",))
+    assert Material(**base, substituents=(("Sr", "Zn"), ("TiO", "Se"))).substitution_contrast == 0
+    assert Material(**base, substituents=(("TiO", "Zn"),)).substitution_contrast == 1  # Zn > Ti
+    assert Material(**{**base, "defect_classes": ()}).substitution_contrast == 0
 
 
 @pytest.mark.parametrize("material", MATERIAL_NAMES)

@@ -18,7 +18,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -53,7 +53,8 @@ class ClusteringConfig:
     splits: Tuple[str, ...] = ("train", "eval", "test")
     threshold: float = 0.5  # probability above which a pixel counts as defect
     k_min: int = 2
-    k_max: int = 8
+    k_max: int = 12
+    outlier_clip: Optional[float] = grouping.OUTLIER_CLIP  # standardised units; None: no clip
     seed: int = 0
     silhouette_sample: int = 10_000  # silhouette on at most this many descriptors per k
     minibatch_above: int = grouping.MINIBATCH_ABOVE  # mini-batch k-means above this many rows
@@ -66,6 +67,9 @@ class ClusteringConfig:
             raise ValueError(f"clustering splits must be split names, got {self.splits!r}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"clustering threshold must lie in (0, 1), got {self.threshold!r}")
+        if self.outlier_clip is not None and not float(self.outlier_clip) > 0:
+            raise ValueError(f"clustering outlier_clip must be a positive number of standard "
+                             f"deviations or null, got {self.outlier_clip!r}")
         if not 2 <= int(self.k_min) <= int(self.k_max):
             raise ValueError(f"clustering needs 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         for name in ("silhouette_sample", "minibatch_above", "tsne_sample",
@@ -232,10 +236,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
 
         result = grouping.cluster(matrix, k_range=(config.k_min, config.k_max), seed=config.seed,
                                   silhouette_sample=config.silhouette_sample,
-                                  minibatch_above=config.minibatch_above)
+                                  minibatch_above=config.minibatch_above, clip=config.outlier_clip)
         labels = [row["label"] for row in rows]
         labelled = all(label not in UNKNOWN_LABELS for label in labels)
-        standardised, _, _ = grouping.standardise(matrix)
+        standardised, _, _ = grouping.standardise(matrix, config.outlier_clip)
         sample, coords = grouping.embed(standardised, seed=config.seed, sample=config.tsne_sample)
 
         out = clusters.uri

@@ -1,7 +1,9 @@
 """Beam executor of PseudoLabeler: pseudo-label every example of every split, and score them.
 
 The science is in lattice.py; this module only moves examples through it. The labeller sees
-the image alone. mask_true is read afterwards, and only to score the pseudo-masks for the
+the image, and of its material only the contrast its substituents give (brighter or dimmer,
+`components.materials.substitution_contrast`; either for a material the registry lacks).
+mask_true is read afterwards, and only to score the pseudo-masks for the
 report, so real micrographs (without it) get the same labels as synthetic ones.
 """
 
@@ -21,7 +23,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 
-from components import contract, progress
+from components import contract, materials, progress
 from components.defects import DEFECT_CLASSES
 from components.pseudo_labels import lattice
 
@@ -96,7 +98,8 @@ def label_example(serialized: bytes, config: lattice.PseudoLabelConfig) -> Label
     image = micrograph.image
     try:
         with _BLAS.limit(limits=1, user_api="blas"):
-            labels = lattice.pseudo_labels(image, config)
+            labels = lattice.pseudo_labels(image, config,
+                                           materials.substitution_contrast(micrograph.material))
         added = dict(deviation=labels.deviation, deviation_z=labels.z, mask_pseudo=labels.mask,
                      noise_sigma=labels.noise, pseudo_label_status=STATUS_OK)
     except ValueError as error:

@@ -2,7 +2,8 @@
 
 The paper has no pixel labels: it derives pseudo ground truth from local intensity
 deviations relative to bulk lattice regions. This module does that from the image alone
-(no ground truth, no material, no pixel size), with NumPy and SciPy only.
+(no ground truth, no pixel size; of the material at most the sign of its substituents'
+contrast, `substitution_sign`), with NumPy and SciPy only.
 
     result = pseudo_labels(image)   # PseudoLabels: deviation, mask (C, H, W), lattice, noise
 
@@ -1222,14 +1223,19 @@ def _analyse(image, lattice, geo, config, exclude=None, previous=None):
     return _Pass(fit, deviation, noise, z_model, z, sigma, columns, candidates)
 
 
-def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig()) -> PseudoLabels:
+def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig(),
+                  substitution_sign: int = 0) -> PseudoLabels:
     """Pseudo ground truth of one image: deviation from the bulk lattice and defect masks.
 
     Rules (thresholds in units of the image's own noise, sizes in its own column width):
     - vacancy: a bulk column site whose matched-filter Z < -k_site and that lost more than
       vacancy_fraction of its bulk intensity;
     - substitution: a bulk column site with |Z| > k_site that is not a vacancy (brighter,
-      or dimmer by less than vacancy_fraction);
+      or dimmer by less than vacancy_fraction); with `substitution_sign` +1 only a brighter
+      one, with -1 only a dimmer one (`components.materials.Material.substitution_contrast`:
+      CdTe's Zn and Se are lighter than the Cd and Te they replace, so a brighter CdTe
+      column, such as two columns squeezed together in a dislocation's strain field, is
+      none); 0 takes either;
     - interstitial: Z > k_free off every column site, where the bulk rises above its floor
       by less than interstitial_bulk_fraction of the brightest column;
     - dislocation: a net winding of the local Bragg phases (a Burgers circuit that does not
@@ -1247,6 +1253,8 @@ def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig()) -> Pse
     ValueError for an image without a lattice (fewer than two Bragg peaks above the noise);
     the image should hold a few unit cells along each side.
     """
+    if substitution_sign not in (-1, 0, 1):
+        raise ValueError(f"substitution_sign must be -1, 0 or 1, got {substitution_sign!r}")
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 2:
         raise ValueError(f"need a 2D image, got shape {image.shape}")
@@ -1308,6 +1316,8 @@ def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig()) -> Pse
     for label, centre, zv, rel in result.candidates:
         if label is None or explained(centre, cores):
             continue
+        if label == "substitution" and substitution_sign * zv < 0:
+            continue  # a contrast the material's substituents cannot give
         _disc(mask[class_index(label)], centre, radius)
         detections.append((label, float(centre[0]), float(centre[1]), zv, rel))
     lattice = replace(lattice, template=result.fit.template, columns=result.columns,
