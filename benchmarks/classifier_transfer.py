@@ -59,7 +59,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components.synthesis import simulator  # noqa: E402
-from machine import calibration, git_commit  # noqa: E402  (benchmarks/machine.py)
+from machine import calibration, git_commit, print_tables  # noqa: E402  (benchmarks/machine.py)
 from modules import pretrain  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -583,10 +583,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     if args.table_only is not None:
-        with open(args.table_only) as handle:
-            report = json.load(handle)
-        print(tables(report))
-        return report
+        return print_tables(args.table_only, tables)
     if "transfer" in args.parts:
         try:
             transfer_config(args)

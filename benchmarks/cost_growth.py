@@ -50,9 +50,10 @@ import time
 import numpy as np
 
 try:  # run as `python -m benchmarks.cost_growth`
-    from benchmarks.machine import calibration, fmt, git_commit, peak_rss_mib, write_report
+    from benchmarks.machine import (calibration, fmt, git_commit, peak_rss_mib, print_tables,
+                                    write_report)
 except ImportError:  # run as a file: benchmarks/ is on the path
-    from machine import calibration, fmt, git_commit, peak_rss_mib, write_report
+    from machine import calibration, fmt, git_commit, peak_rss_mib, print_tables, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT_ROOT = os.path.dirname(HERE)
@@ -522,10 +523,7 @@ def main(argv=None):
         measure_here(args.measure, args.images, args.settings, args.result)
         return None
     if args.table_only is not None:
-        with open(args.table_only) as handle:
-            report = json.load(handle)
-        print(table(report))
-        return report
+        return print_tables(args.table_only, table)
     sizes = sorted(set(args.sizes))
     if sizes[0] < 3:
         parser.error("--sizes must be at least 3 (clustering needs more rows than k_min)")

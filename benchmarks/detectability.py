@@ -81,7 +81,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -98,7 +97,7 @@ from components.synthesis.simulator import (  # noqa: E402
     simulate_image,
 )
 from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
-                     write_report)
+                     print_tables, write_report)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "detectability.json")
@@ -696,10 +695,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     if args.table_only is not None:
-        with open(args.table_only) as handle:
-            report = json.load(handle)
-        print(tables(report))
-        return report
+        return print_tables(args.table_only, tables)
     if args.images < 1 or args.draws < 1 or args.dose_bins < 1 or args.disc_sigmas <= 0:
         parser.error("--images, --draws, --dose-bins and --disc-sigmas must be positive")
 

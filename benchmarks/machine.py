@@ -66,6 +66,14 @@ def write_report(report: dict, path: str) -> None:
         handle.write("{\n" + ",\n".join(parts) + "\n}\n")
 
 
+def print_tables(path: str, tables) -> dict:
+    """`--table-only`: the report a benchmark wrote to `path`, printed by its `tables`."""
+    with open(path) as handle:
+        report = json.load(handle)
+    print(tables(report))
+    return report
+
+
 def dose_edges(config, bins: int) -> np.ndarray:
     """Edges of `bins` log-spaced dose bins over a SimulationConfig's dose range (e/A^2)."""
     return np.geomspace(config.dose[0], config.dose[1], bins + 1)

@@ -34,7 +34,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -42,7 +41,7 @@ import numpy as np  # noqa: E402
 from components.materials import substitution_contrast  # noqa: E402
 from components.defects import BULK_LABEL, DEFECT_CLASSES  # noqa: E402
 from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
-                     write_report)
+                     print_tables, write_report)
 from components.pseudo_labels.lattice import (  # noqa: E402
     PseudoLabelConfig,
     pseudo_labels,
@@ -292,10 +291,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     if args.table_only is not None:
-        with open(args.table_only) as handle:
-            report = json.load(handle)
-        print(tables(report))
-        return report
+        return print_tables(args.table_only, tables)
     if args.images_per_class < 1 or args.dose_bins < 1:
         parser.error("--images-per-class and --dose-bins must be >= 1")
 

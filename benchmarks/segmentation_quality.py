@@ -30,8 +30,8 @@ through the sliding-window predictor (pipeline.segment_folder.load_predictor, i.
 `serving_standardised`, and components.segmentation.tiling.predict_tiled: 256-pixel tiles,
 64 overlap, batches of 8) in a fresh subprocess with TensorFlow held to --threads threads.
 For a U-Net that reads the teacher's deviation map (the default), the frame's map is
-computed first (components.segmentation.tiling.deviation_map: the pseudo-labeller on 512-pixel
-blocks; the mosaic's pieces have lattices of their own, so blocks that straddle two of them
+computed first (components.segmentation.tiling.deviation_map: the pseudo-labeller's map on
+512-pixel blocks, --threads blocks at a time; the mosaic's pieces have lattices of their own, so blocks that straddle two of them
 fit worse than a real frame's would, which does not change their cost). Reported: the seconds
 of both together and of the teacher alone, megapixels of the frame per second, and the peak
 resident memory of that whole process (VmHWM, machine.peak_rss_mib: Python, TensorFlow, the
@@ -75,7 +75,7 @@ from components.synthesis.simulator import (  # noqa: E402
     simulate_image,
 )
 from machine import (calibration, dose_bin, dose_edges, fmt, git_commit,  # noqa: E402  (benchmarks/machine.py)
-                     peak_rss_mib, write_report)
+                     peak_rss_mib, print_tables, write_report)
 
 RESULTS = os.path.join(HERE, "results", "segmentation_quality.json")
 MATERIALS = ("SrTiO3", "CdTe")
@@ -260,7 +260,7 @@ def time_frame(model_dir: str, frame_path: str, threads: int) -> dict:
     predictor(*([empty, empty] if predictor.needs_deviation else [empty]))  # trace, not timed
     before = peak_rss_mib() * 2**20
     began = time.perf_counter()
-    deviation = deviation_map(frame) if predictor.needs_deviation else None
+    deviation = deviation_map(frame, workers=threads) if predictor.needs_deviation else None
     teacher_s = time.perf_counter() - began
     maps = predict_tiled(frame, predictor, tile=TILE, overlap=OVERLAP, batch_size=BATCH,
                          num_classes=len(DEFECT_CLASSES), deviation=deviation)
@@ -468,10 +468,7 @@ def main(argv=None) -> dict:
         print(json.dumps(time_frame(model_dir, frame_path, int(threads))))
         return {}
     if args.table_only is not None:
-        with open(args.table_only) as handle:
-            report = json.load(handle)
-        print(tables(report))
-        return report
+        return print_tables(args.table_only, tables)
     if min(args.train_per_class, args.eval_per_class, args.test_per_class, args.dose_bins) < 1:
         parser.error("--*-per-class and --dose-bins must be >= 1")
     options = demo_segmenter_options() if args.segmenter is None else args.segmenter

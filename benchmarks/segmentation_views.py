@@ -44,7 +44,7 @@ if ROOT not in sys.path:  # run as a file: the project's packages live one folde
     sys.path.insert(0, ROOT)
 
 from components.defects import DEFECT_CLASSES  # noqa: E402
-from machine import calibration, fmt, git_commit, write_report  # noqa: E402  (benchmarks/machine.py)
+from machine import calibration, fmt, git_commit, print_tables, write_report  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = os.path.join(HERE, "results", "segmentation_views.json")
 PAPER_ROOT = os.path.join(ROOT, "output", "pipeline_root", "stem-defects-paper")
@@ -70,8 +70,8 @@ def load_model(model_dir: str, history_path: str):
 
     from modules import segmenter
 
-    with open(history_path) as handle:  # a run from before these options: one view, no opening
-        recorded = dict({"test_time_views": 1, "planar_min_width": 0}, **json.load(handle)["config"][0])
+    with open(history_path) as handle:  # an option the run predates: as it was then served
+        recorded = dict(segmenter.SERVED_BEFORE_OPTIONS, **json.load(handle)["config"][0])
     known = {field.name for field in dataclasses.fields(segmenter.SegmenterConfig)}
     config = segmenter.SegmenterConfig(**{k: v for k, v in recorded.items() if k in known})
     model = tf.keras.models.load_model(model_dir, compile=False,
@@ -211,10 +211,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--table-only", nargs="?", const=RESULTS, default=None, metavar="PATH")
     args = parser.parse_args(argv)
     if args.table_only is not None:
-        with open(args.table_only) as handle:
-            report = json.load(handle)
-        print(tables(report))
-        return report
+        return print_tables(args.table_only, tables)
     from modules.segmenter import VIEW_COUNTS
 
     if any(views not in VIEW_COUNTS for views in args.views):

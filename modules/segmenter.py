@@ -95,6 +95,8 @@ CHANNEL_PROBABILITIES = "channel_probabilities"  # the sigmoid layer before Join
 CONTRAST_WINDOW = 5  # pixels; a point defect's mark is a disc of about 3 pixels' radius
 DICE_SMOOTH = 1.0
 VIEW_COUNTS = (1, 4, 8)  # test_time_views: as given, the 90-degree rotations, and mirrored
+# How a model trained before these serving options existed was served: one view, no opening.
+SERVED_BEFORE_OPTIONS = {"test_time_views": 1, "planar_min_width": 0}
 BCE_EPSILON = 1e-7
 
 

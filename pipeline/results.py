@@ -241,10 +241,10 @@ def _profile(executions, outputs) -> Dict[str, Any]:
             profile["classifier"]["started_from"] = started_from[0]
     segmenter_history = history("SegmenterTrainer.model_run")
     if segmenter_history.get("config"):
-        # what the run trained and served with; a run from before test_time_views served one
-        # view, and one from before planar_min_width opened nothing
-        profile["segmenter"] = dict({"test_time_views": 1, "planar_min_width": 0},
-                                    **segmenter_history["config"][0])
+        from modules.segmenter import SERVED_BEFORE_OPTIONS
+
+        # what the run trained and served with, an option it predates as it was then served
+        profile["segmenter"] = dict(SERVED_BEFORE_OPTIONS, **segmenter_history["config"][0])
     elif "SegmenterTrainer" in executions:
         overrides = without_fingerprint(_json_property(executions["SegmenterTrainer"], "custom_config"))
         try:

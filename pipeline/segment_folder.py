@@ -40,8 +40,8 @@ frames already); the model must not standardise each tile again by its own stati
 only `serving_images`, which does exactly that: it is still used, with a warning. A model
 that reads the teacher's deviation map beside the image (the default since the U-Net's
 `inputs` option) also takes `deviation_z` tiles: the command computes each frame's map with
-the pseudo-labeller, block by block (`components.segmentation.tiling.deviation_map`; about
-20 s of one core for a 4096 x 4096 frame), and cuts it into the same tiles.
+the pseudo-labeller, block by block on every CPU
+(`components.segmentation.tiling.deviation_map`), and cuts it into the same tiles.
 Everything else works with any `predict_batch` callable, so `main(argv, predictor=...)` runs
 without a model.
 """

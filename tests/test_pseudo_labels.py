@@ -346,6 +346,22 @@ def test_result_types_and_shapes():
     assert result.lattice.template is not None and result.lattice.column_sigma > 0
 
 
+@pytest.mark.parametrize("material,label,seed", [("SrTiO3", "vacancy", 5), ("CdTe", "dislocation", 3),
+                                                 ("CdTe", "twin_boundary", 2), ("SrTiO3", "bulk", 1)])
+def test_deviation_z_is_the_teachers_map_without_the_labelling(material, label, seed):
+    # the shortcut a frame's segmenter input takes must not drift from what training saw
+    image = simulate_image(material, label, seed).image
+    z = teacher.deviation_z(image)
+    assert z.dtype == np.float32
+    np.testing.assert_array_equal(z, pseudo_labels(image).z)
+
+
+def test_deviation_z_refuses_an_image_without_a_lattice():
+    noise = np.random.default_rng(0).poisson(5.0, (128, 128)).astype(float)
+    with pytest.raises(ValueError):
+        teacher.deviation_z(noise)
+
+
 def test_the_teacher_never_sees_a_ground_truth_mask():
     # The API takes the image (the rules, and the sign of the material's substituents'
     # contrast), nothing else ...

@@ -194,6 +194,20 @@ def test_the_teachers_deviation_map_of_a_frame_is_blended_from_blocks():
         deviation_map(noise)
 
 
+def test_the_deviation_map_is_the_same_on_any_number_of_workers():
+    from components.pseudo_labels.lattice import pseudo_labels
+    from components.synthesis.simulator import SimulationConfig, seed_for, simulate_image
+
+    sim = simulate_image("CdTe", "dislocation", seed_for(4, 0), SimulationConfig(size=448))
+    one = deviation_map(sim.image, block=256, overlap=64, workers=1)  # 2 x 2 blocks
+    np.testing.assert_array_equal(deviation_map(sim.image, block=256, overlap=64, workers=3), one)
+    # a block is the teacher's own map of it: the top-left corner, away from any blend
+    corner = pseudo_labels(sim.image[:256, :256].astype(np.float32)).z
+    np.testing.assert_array_equal(one[:192, :192], corner[:192, :192])
+    with pytest.raises(ValueError, match="workers"):
+        deviation_map(sim.image, workers=0)
+
+
 def test_a_large_frame_runs_in_bounded_memory():
     size, classes, tile, batch = 2048, 6, 256, 8
     image = np.random.default_rng(3).random((size, size), dtype=np.float32)

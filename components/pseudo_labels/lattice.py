@@ -1164,8 +1164,9 @@ class _Pass:
     candidates: list  # (class or None, (y, x), Z, relative change)
 
 
-def _analyse(image, lattice, geo, config, exclude=None, previous=None):
-    """One pass: bulk fit, noise model, matched filter, classified candidates.
+def _analyse(image, lattice, geo, config, exclude=None, previous=None, classify=True):
+    """One pass: bulk fit, noise model, matched filter, classified candidates (none when not
+    `classify`: for a caller that needs only the deviation maps).
 
     previous: an earlier pass whose column width, column sites and noise model are reused.
     """
@@ -1199,7 +1200,8 @@ def _analyse(image, lattice, geo, config, exclude=None, previous=None):
 
     k_site, k_free = config.k_site, config.k_free
     candidates = []
-    for y, x in _extrema(z, min(k_site, k_free), int(np.ceil(1.5 * sigma))):
+    extrema = _extrema(z, min(k_site, k_free), int(np.ceil(1.5 * sigma))) if classify else ()
+    for y, x in extrema:
         zv = float(z[y, x])
         if len(columns):
             dist, offset = _nearest_site(geo.cell[:, y, x], columns, cell_vectors)
@@ -1221,6 +1223,42 @@ def _analyse(image, lattice, geo, config, exclude=None, previous=None):
                 label = None  # unexplained: a displaced column, a fault, ...
         candidates.append((label, centre, zv, rel))
     return _Pass(fit, deviation, noise, z_model, z, sigma, columns, candidates)
+
+
+def _two_passes(image, config: PseudoLabelConfig, classify: bool):
+    """(image as float64, lattice, geometry, dislocations, final pass): the lattice, then a
+    first pass, then a second that leaves the first's candidate defects and the dislocation
+    cores out of the bulk fit. Without `classify` the final pass lists no candidates."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"need a 2D image, got shape {image.shape}")
+    lattice, envs = _estimate_lattice(image, config.gpa_cells)
+    geo = _geometry(image, lattice, envs, config.gpa_cells, config.min_amplitude)
+    dislocations = _dislocations(geo, lattice, config.min_amplitude)
+    first = _analyse(image, lattice, geo, config)
+    # second pass: leave candidate defects out of the template and the background
+    exclude = np.zeros(image.shape, bool)
+    for _, centre, _, _ in first.candidates:
+        _disc(exclude, centre, 2.5 * first.sigma)
+    for centre, b in dislocations:
+        _disc(exclude, centre, 2 * b)
+    result = first
+    if exclude.any():
+        # the defects also pulled the local phases: refilter with them painted over
+        painted = np.where(exclude, first.fit.bulk, image)
+        envs = _envelopes(painted, lattice.reflections,
+                          config.gpa_cells * _gpa_sigma(lattice.reflections))
+        geo_clean = _geometry(image, lattice, envs, config.gpa_cells, config.min_amplitude)
+        result = _analyse(image, lattice, geo_clean, config, exclude, previous=first,
+                          classify=classify)
+    return image, lattice, geo, dislocations, result
+
+
+def deviation_z(image, config: PseudoLabelConfig = PseudoLabelConfig()) -> np.ndarray:
+    """`pseudo_labels(image, config).z` (float32), without the labelling that follows it
+    (planar bands, dislocation cores, masks): what a segmenter that reads the teacher's
+    deviation map needs of a frame. Raises ValueError as `pseudo_labels` does."""
+    return _two_passes(image, config, classify=False)[-1].z.astype(np.float32)
 
 
 def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig(),
@@ -1255,28 +1293,7 @@ def pseudo_labels(image, config: PseudoLabelConfig = PseudoLabelConfig(),
     """
     if substitution_sign not in (-1, 0, 1):
         raise ValueError(f"substitution_sign must be -1, 0 or 1, got {substitution_sign!r}")
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim != 2:
-        raise ValueError(f"need a 2D image, got shape {image.shape}")
-    lattice, envs = _estimate_lattice(image, config.gpa_cells)
-    geo = _geometry(image, lattice, envs, config.gpa_cells, config.min_amplitude)
-    dislocations = _dislocations(geo, lattice, config.min_amplitude)
-    first = _analyse(image, lattice, geo, config)
-    # second pass: leave candidate defects out of the template and the background
-    exclude = np.zeros(image.shape, bool)
-    for _, centre, _, _ in first.candidates:
-        _disc(exclude, centre, 2.5 * first.sigma)
-    for centre, b in dislocations:
-        _disc(exclude, centre, 2 * b)
-    result = first
-    if exclude.any():
-        # the defects also pulled the local phases: refilter with them painted over
-        painted = np.where(exclude, first.fit.bulk, image)
-        envs = _envelopes(painted, lattice.reflections,
-                          config.gpa_cells * _gpa_sigma(lattice.reflections))
-        geo_clean = _geometry(image, lattice, envs, config.gpa_cells, config.min_amplitude)
-        result = _analyse(image, lattice, geo_clean, config, exclude, previous=first)
-
+    image, lattice, geo, dislocations, result = _two_passes(image, config, classify=True)
     mask = np.zeros((len(DEFECT_CLASSES),) + image.shape, np.uint8)
     detections = []
     planes = _planar(image, result.z_model, geo, lattice, config)

@@ -43,6 +43,8 @@ Plain NumPy: no TensorFlow, no TFX.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -247,33 +249,43 @@ def predict_tiled(image: np.ndarray, predict_batch: PredictBatch, tile: int = 25
 
 DEVIATION_BLOCK = 512  # pixels: a few dozen unit cells, as the teacher needs; memory stays small
 DEVIATION_OVERLAP = 64
+DEVIATION_BLOCKS_PER_WORKER = 4
 
 
 def deviation_map(image: np.ndarray, block: int = DEVIATION_BLOCK,
-                  overlap: int = DEVIATION_OVERLAP, config=None) -> np.ndarray:
+                  overlap: int = DEVIATION_OVERLAP, config=None,
+                  workers: Optional[int] = None) -> np.ndarray:
     """The teacher's deviation map (`components.pseudo_labels`: the image minus its fitted
     bulk lattice, in noise sigmas), float32 (H, W), of a frame of any size, for a segmenter
     that reads it beside the image.
 
     The teacher runs on overlapping `block`-pixel blocks, blended as `predict_tiled` blends
     a model's tiles: a training image is one such block (256 pixels), the lattice is fitted
-    where it is locally, and the memory stays that of one block. A block without a lattice
-    (vacuum, amorphous material) gives zeros, as the PseudoLabeler writes for such an image.
+    where it is locally, and the memory stays that of a few blocks. Only the map is computed
+    (`lattice.deviation_z`, not the labelling after it), on `workers` threads (default: one
+    per CPU; the filters and FFTs release the GIL). A block without a lattice (vacuum,
+    amorphous material) gives zeros, as the PseudoLabeler writes for such an image.
     Raises ValueError for a frame with a non-finite pixel.
     """
-    from components.pseudo_labels.lattice import PseudoLabelConfig, pseudo_labels
+    from components.pseudo_labels.lattice import PseudoLabelConfig, deviation_z
 
     config = config or PseudoLabelConfig()
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     frame_statistics(image)  # ValueError for a NaN or an infinite pixel, naming its row
 
-    def teacher(blocks: np.ndarray) -> np.ndarray:
-        maps = np.zeros(blocks.shape + (1,), np.float32)
-        for index, one in enumerate(blocks):
-            try:
-                maps[index, ..., 0] = pseudo_labels(one, config).z
-            except ValueError:  # no lattice in this block
-                pass
-        return maps
+    def one(block_image: np.ndarray) -> np.ndarray:
+        try:
+            return deviation_z(block_image, config)
+        except ValueError:  # no lattice in this block
+            return np.zeros(block_image.shape, np.float32)
 
-    return predict_tiled(image, teacher, tile=block, overlap=overlap, batch_size=1,
-                         num_classes=1, standardise=False)[0]
+    with ThreadPoolExecutor(workers) as pool:
+        def teacher(blocks: np.ndarray) -> np.ndarray:
+            return np.stack(list(pool.map(one, blocks)))[..., np.newaxis]
+
+        # a few blocks per worker and call, so that a slow block does not idle the others
+        return predict_tiled(image, teacher, tile=block, overlap=overlap,
+                             batch_size=DEVIATION_BLOCKS_PER_WORKER * workers, num_classes=1,
+                             standardise=False)[0]
