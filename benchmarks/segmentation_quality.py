@@ -31,8 +31,9 @@ through the sliding-window predictor (pipeline.segment_folder.load_predictor, i.
 64 overlap, batches of 8) in a fresh subprocess with TensorFlow held to --threads threads.
 For a U-Net that reads the teacher's deviation map (the default), the frame's map is
 computed first (components.segmentation.tiling.deviation_map: the pseudo-labeller's map on
-512-pixel blocks, --threads blocks at a time; the mosaic's pieces have lattices of their own, so blocks that straddle two of them
-fit worse than a real frame's would, which does not change their cost). Reported: the seconds
+512-pixel blocks, --threads blocks at a time; the mosaic's pieces have lattices of their
+own, so blocks that straddle two of them fit worse than a real frame's would, which does not
+change their cost). Reported: the seconds
 of both together and of the teacher alone, megapixels of the frame per second, and the peak
 resident memory of that whole process (VmHWM, machine.peak_rss_mib: Python, TensorFlow, the
 model, the frame and the maps together; an upper bound on what the prediction needs; not
