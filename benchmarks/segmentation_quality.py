@@ -155,6 +155,7 @@ def train(train_items, eval_items, segmenter_options: dict, work_dir: str) -> di
     return {"model_dir": fn_args.serving_model_dir, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "config": history["config"][0], "loss": history["loss"],
             "val_loss": history.get("val_loss"),
+            "attempts": history.get("attempts", [None])[0],
             "train_images": len(train_items), "eval_images": len(eval_items)}
 
 

@@ -65,7 +65,8 @@ def test_config_refuses_unknown_options_and_ignores_the_fingerprint():
                 dict(defect_tile_fraction=-0.1), dict(prior_probability=0.0),
                 dict(prior_probability=1.0), dict(seed=-1), dict(seed=1.5),
                 dict(test_time_views=2), dict(test_time_views=0), dict(planar_min_width=8),
-                dict(planar_min_width=-1), dict(planar_min_width=9.0)):
+                dict(planar_min_width=-1), dict(planar_min_width=9.0),
+                dict(dead_channel_retries=-1), dict(dead_channel_retries=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             segmenter.SegmenterConfig(**bad)
 
@@ -341,7 +342,8 @@ def fn_args_for(root, run_name="run", **options):
         serving_model_dir=str(root / f"serving-{run_name}"),
         model_run_dir=str(root / run_name),
         custom_config=dict(TINY, **dict(dict(epochs=1, input_stride=2, tiles_per_image=2,
-                                             defect_tile_fraction=0.5, code_fingerprint="test"),
+                                             defect_tile_fraction=0.5, code_fingerprint="test",
+                                             dead_channel_retries=0),
                                         **options)),
     )
 
@@ -452,3 +454,48 @@ def test_mask_scores_adds_f1_to_the_pseudo_label_quality():
     assert single["vacancy"]["f1"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="channels last"):
         segmenter.mask_scores(probabilities, np.moveaxis(masks, 1, -1))
+
+
+def test_dead_channel_check_names_the_marked_channels_that_mark_nothing(tmp_path):
+    config = tiny(contrast_split=[])
+    pattern = write(str(tmp_path / "Split-eval" / "data.gz"),
+                    [micrograph(channel=1, seed=0), micrograph(channel=3, seed=1)])
+    validation = segmenter.make_dataset([pattern], config, training=False)
+    network = segmenter.build_unet(C, config)
+    logits = network.get_layer("logits")
+
+    def check(bias, stop, after_epoch=2):
+        kernel, _ = logits.get_weights()
+        logits.set_weights([np.zeros_like(kernel), np.array(bias, np.float32)])
+        callback = segmenter.DeadChannelCheck(validation, 2, DEFECT_CLASSES, stop=stop)
+        callback.set_model(network)
+        network.stop_training = False
+        callback.on_epoch_end(after_epoch - 1)
+        return callback
+
+    silent = check([-20.0] * C, stop=True)
+    assert silent.dead == [DEFECT_CLASSES[1], DEFECT_CLASSES[3]]  # the unmarked channels are not dead
+    assert silent.stopped and network.stop_training
+    assert check([-20.0] * C, stop=True, after_epoch=1).dead == []  # looks after epoch 2 only
+    one_lives = check([-20.0, 20.0] + [-20.0] * (C - 2), stop=False)
+    assert one_lives.dead == [DEFECT_CLASSES[3]] and not one_lives.stopped and not network.stop_training
+    assert check([20.0] * C, stop=True).dead == []
+
+
+@pytest.mark.parametrize("prior, retries, seeds", [(1e-6, 1, [3, 4]), (1e-6, 0, [3]), (1 - 1e-6, 1, [3])])
+def test_a_dead_channel_starts_training_again_from_the_next_seed(tmp_path, prior, retries, seeds):
+    """The validation images mark substitutions only: a network that answers (almost) 0
+    everywhere has that channel dead, one that answers (almost) 1 has none."""
+    training_examples(tmp_path)
+    fn_args = fn_args_for(tmp_path, prior_probability=prior, learning_rate=1e-9, seed=3,
+                          dead_channel_retries=retries)
+    segmenter.run_fn(fn_args)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    attempts = history["attempts"][0]
+    assert [attempt["seed"] for attempt in attempts] == seeds
+    assert all(attempt["epochs"] == 1 for attempt in attempts)
+    dead = ["substitution"] if prior < 0.5 else []
+    assert all(attempt["dead_channels"] == dead for attempt in attempts)
+    assert history["config"][0]["seed"] == seeds[-1]  # the kept model's
+    assert segmenter.dead_channel_epoch(segmenter.SegmenterConfig(epochs=25)) == 8
+    assert segmenter.dead_channel_epoch(segmenter.SegmenterConfig(epochs=1)) == 1
