@@ -128,11 +128,13 @@ class SegmenterConfig:
     seed: int = 0  # weights, file order, shuffles and tiles: the same seed, the same model
     # A small student can lose a rare channel early and never get it back, depending on
     # its seed: on the seed-6262 benchmark data, model seed 0 never marked one SrTiO3
-    # substitution (IoU 0.00 against the teacher's 0.78) while seed 1 kept the channel.
+    # substitution (IoU 0.00 against the teacher's 0.78); restarted from seed 1, 0.79.
     # So after a third of the epochs (`dead_channel_epoch`) every output channel with marks
     # on the validation tiles must have marked at least one of them; if one has not,
     # training starts again from seed + 1, at most this many times (the last attempt always
-    # runs to the end). history.json lists the attempts. 0: never.
+    # runs to the end). history.json lists the attempts. 0: never. Silent is not always dead
+    # (seed 1 there had two channels silent after epoch 8 that came back later), so a
+    # restart can be spent on a channel that is only late.
     dead_channel_retries: int = 1
     # The network's input channels, named as the classifier's (modules.transform
     # .CHANNEL_SOURCES): the image, and the teacher's own
