@@ -450,6 +450,25 @@ def test_dislocation_has_the_burgers_vector_closure_failure(material, defects, c
     np.testing.assert_allclose(cells, 0, atol=0.2)
 
 
+def test_a_cut_along_minus_b_does_not_move_the_crystal_whatever_the_last_bit():
+    """The plain dislocation's cut runs along -b; a dot product's last-bit residue across it,
+    of either sign (which one depends on the BLAS kernel), must not flip the branch of the
+    angle and shift every site by -b (the core would leave its mask)."""
+    from components.synthesis.simulator import _edge_displacement
+
+    burgers = np.array([21.7, -13.2])
+    core = np.array([100.3, 80.6])
+    p = np.array([-burgers[1], burgers[0]]) / np.hypot(*burgers)
+    angles = np.linspace(-0.9 * np.pi, 0.9 * np.pi, 24)  # a ring, off the cut line
+    ring = core + 6 * np.hypot(*burgers) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    fields = [_edge_displacement(ring, core, burgers, 0.3, -burgers + tiny * p)
+              for tiny in (-1e-13, 0.0, 1e-13)]
+    for field in fields[1:]:
+        np.testing.assert_allclose(field, fields[0], atol=1e-9)
+    # the field far off the core is its log term only: no rigid jump of |b| anywhere on it
+    assert np.abs(fields[0]).max() < 0.5 * np.hypot(*burgers)
+
+
 @pytest.mark.parametrize("material,column,seed", [("SrTiO3", "Sr", 34), ("CdTe", "Cd", 16)])
 def test_dislocation_strains_the_core_and_leaves_far_columns_in_perfect_lattice(
         material, column, seed):

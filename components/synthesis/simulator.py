@@ -393,7 +393,14 @@ def _edge_displacement(xy, core, burgers, nu, cut):
     d = xy - core
     x, y = d @ e, d @ p
     r2 = x * x + y * y
-    phi = np.arctan2(cut @ p, cut @ e)
+    across, along = cut @ p, cut @ e
+    # A cut along -b (a plain dislocation's) has `across` 0 in exact arithmetic, but the dot
+    # product leaves a last-bit residue whose sign depends on the BLAS kernel: -0 gives
+    # phi = -pi, every site then jumps by -b and the core lands a Burgers vector away from
+    # its mask (half the dislocation images with OpenBLAS's AVX-512 kernel). +0 keeps pi.
+    if abs(across) <= 1e-9 * np.hypot(*cut):
+        across = 0.0
+    phi = np.arctan2(across, along)
     theta = np.arctan2(y, x)
     theta -= 2 * np.pi * (theta > phi)  # in (phi - 2 pi, phi]
     k = length / (2 * np.pi)
