@@ -83,11 +83,11 @@ import tf_keras as keras  # noqa: E402
 
 from components import contract  # noqa: E402
 from components.defects import DEFECT_CLASSES, PLANAR_CLASSES  # noqa: E402
+from components.progress import log_line  # noqa: E402
 from components.pseudo_labels import lattice  # noqa: E402
 from components.segmentation import serving  # noqa: E402
 from components.segmentation.serving import PROBABILITIES  # noqa: E402
 from modules import plots  # noqa: E402
-from components.progress import log_line  # noqa: E402
 from modules.progress_callback import EpochProgress  # noqa: E402
 from modules.transform import CHANNEL_SOURCES, config_options, scale_deviation, standardise  # noqa: E402
 
