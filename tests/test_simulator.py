@@ -19,6 +19,7 @@ from components.materials import (ATOMIC_NUMBERS, MATERIALS, Column, Material, g
                                   substitution_contrast)
 from components.synthesis.simulator import (
     SimulationConfig,
+    _edge_displacement,
     applicable_labels,
     plan_dataset,
     seed_for,
@@ -454,8 +455,6 @@ def test_a_cut_along_minus_b_does_not_move_the_crystal_whatever_the_last_bit():
     """The plain dislocation's cut runs along -b; a dot product's last-bit residue across it,
     of either sign (which one depends on the BLAS kernel), must not flip the branch of the
     angle and shift every site by -b (the core would leave its mask)."""
-    from components.synthesis.simulator import _edge_displacement
-
     burgers = np.array([21.7, -13.2])
     core = np.array([100.3, 80.6])
     p = np.array([-burgers[1], burgers[0]]) / np.hypot(*burgers)
